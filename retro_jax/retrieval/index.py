@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 INDEX_JSON = "index.json"
 FORMAT_VERSION = 1
 Mode = Literal["auto", "exact", "scann"]
+MIN_SCANN_ROWS = 32  # asymmetric hashing trains 16 centres per block; tinier shards go exact
 
 
 class IndexInputError(ValueError):
@@ -58,6 +59,7 @@ class IndexConfig:
         asymmetric hashing with 2 dims per block (ScaNN's advice for L2),
         ``reorder_k = 250`` candidates rescored exactly in float32, and a
         k-means training sample of ``min(n, 250_000)`` rows.
+      * a shard under ``MIN_SCANN_ROWS`` (32) rows is always exact.
     """
 
     mode: Mode = "auto"
@@ -89,6 +91,9 @@ class IndexConfig:
         mode = self.mode
         if mode == "auto":
             mode = "exact" if n < self.exact_threshold else "scann"
+        if mode == "scann" and n < MIN_SCANN_ROWS:
+            log.info("shard of %d rows is below ScaNN's minimum of %d; using exact search", n, MIN_SCANN_ROWS)
+            mode = "exact"
         if mode == "scann" and not scann_available():
             warnings.warn(
                 "ScaNN is unavailable on this CPU/platform (its x86 wheel needs AVX and "

@@ -1,0 +1,7 @@
+"""The `baseline-368m` preset (see retro_jax/config.py). `retro-jax info --config baseline-368m`."""
+
+from retro_jax.config import experiment_config
+
+
+def get_config():
+    return experiment_config("baseline-368m")

@@ -1,0 +1,7 @@
+"""The `tiny-baseline` preset (see retro_jax/config.py). `retro-jax info --config tiny-baseline`."""
+
+from retro_jax.config import experiment_config
+
+
+def get_config():
+    return experiment_config("tiny-baseline")

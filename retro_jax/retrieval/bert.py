@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-BUCKETS = (16, 32, 64, 128, 256, 512)  # padded sequence lengths; few shapes -> few compiles
+BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # padded sequence lengths; few shapes -> few compiles
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: nn.gelu(x, approximate=True),

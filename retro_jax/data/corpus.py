@@ -24,6 +24,7 @@ import os
 import sysconfig
 from typing import IO, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
@@ -189,7 +190,14 @@ def _read_parquet(path: str, text_field: str, stats: CorpusStats) -> Iterator[tu
             "pass text_field= to choose the text column"
         )
     row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except pa.ArrowException as e:
+            raise CorpusError(f"cannot read Parquet file {path!r} near row {row}: {e}") from e
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             if text is not None and not isinstance(text, str):
                 raise CorpusError(f"column {text_field!r} of {path!r} holds {type(text).__name__}")

@@ -28,8 +28,11 @@ def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 200, n
 
 def brute_force(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """float64 reference, ordered by (distance, id)."""
-    d = ((q[:, None, :].astype(np.float64) - db[None, :, :].astype(np.float64)) ** 2).sum(-1)
-    order = np.lexsort((np.broadcast_to(np.arange(db.shape[0]), d.shape), d), axis=-1)[:, :k]
+    q64, x64 = q.astype(np.float64), db.astype(np.float64)
+    d = (q64**2).sum(1)[:, None] - 2 * q64 @ x64.T + (x64**2).sum(1)[None, :]
+    m = min(k + 8, d.shape[1])  # top-k by (distance, id) without sorting whole rows
+    cand = np.argpartition(d, m - 1, axis=1)[:, :m]
+    order = np.take_along_axis(cand, np.lexsort((cand, np.take_along_axis(d, cand, 1)), axis=-1), 1)[:, :k]
     return order, np.take_along_axis(d, order, 1)
 
 

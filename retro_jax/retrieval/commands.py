@@ -1,0 +1,139 @@
+"""CLI verbs for the retrieval database: build-db, db-info, db-check.
+
+`register(subparsers)` adds them to the `retro-jax` argparse subparsers. Each handler returns
+an exit code: 0 success, 1 a failed check (db-check), 2 bad input (one-line message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from retro_jax.data.corpus import CorpusError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _fail(verb: str, err: BaseException) -> int:
+    print(f"retro-jax {verb}: error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _build_db(args: argparse.Namespace) -> int:
+    from retro_jax.retrieval.build import build_database
+
+    _logging()
+    try:
+        manifest = build_database(
+            args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, dedup=not args.no_dedup,
+            vocab_size=args.vocab_size, tokenizer=args.tokenizer, chunk_size=args.chunk_size,
+            embedder=args.embedder, embed_batch_size=args.embed_batch_size, max_length=args.max_length,
+            shards=args.shards, index_mode=args.index_mode, neighbours_stored=args.neighbours,
+            max_documents=args.max_documents, max_chunks=args.max_chunks, worker=args.worker,
+            num_workers=args.num_workers, combine=args.combine, overwrite=args.overwrite,
+            progress=not args.no_progress)
+    except (ValueError, OSError, CorpusError) as e:
+        return _fail("build-db", e)
+    if manifest is None:
+        print(f"slice {args.worker} of {args.num_workers} done in {args.out}; the last worker (or --combine) "
+              "finishes the database")
+        return EXIT_OK
+    c = manifest["counts"]
+    print(f"database {args.out}: {c['train']['chunks']} train chunks from {c['train']['documents']} documents, "
+          f"{c['validation']['chunks']} validation chunks, {manifest['neighbours_stored']} neighbours each")
+    return EXIT_OK
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    for split, c in info["splits"].items():
+        print(f"{split:<11} {c['documents']:>9,} documents {c['chunks']:>11,} chunks {c['tokens']:>13,} tokens "
+              f"{c['bytes']:>14,} bytes")
+    modes = ",".join(sorted({s["mode"] for s in info["shards"]}))
+    print(f"chunk size {info['chunk_size']}, neighbours stored {info['neighbours_stored']}, "
+          f"index {len(info['shards'])} shard(s) ({modes})")
+    print(f"tokenizer  {info['tokenizer']['sha256'][:16]} (vocab {info['tokenizer']['vocab_size']}, "
+          f"{info['tokenizer']['source']})")
+    print(f"embedder   {info['embedder']['name']} (dim {info['embedder']['dim']})")
+    print(f"near-duplicates removed {info['near_duplicates_removed']}, skipped {info['skipped_documents']}")
+
+
+def _db_info(args: argparse.Namespace) -> int:
+    from retro_jax.retrieval.database import Database
+
+    try:
+        info = Database.open(args.db_dir).info()
+    except (ValueError, OSError) as e:
+        return _fail("db-info", e)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        _print_info(info)
+    return EXIT_OK
+
+
+def _db_check(args: argparse.Namespace) -> int:
+    from retro_jax.retrieval.database import Database
+
+    if args.sample < 1:
+        return _fail("db-check", ValueError(f"--sample must be >= 1, got {args.sample}"))
+    try:
+        result = Database.open(args.db_dir).check(sample=args.sample, seed=args.seed)
+    except (ValueError, OSError) as e:
+        return _fail("db-check", e)
+    ok = result["same_document_neighbours"] == 0 and result["checksums_ok"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key in ("recall_at_10", "same_document_neighbours", "missing_neighbours", "checksums_ok"):
+            print(f"{key:<26} {result[key]}")
+        print("OK" if ok else "FAILED")
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def register(subparsers: Any) -> None:
+    """Add build-db, db-info and db-check to an argparse subparsers object."""
+    b = subparsers.add_parser("build-db", help="build a retrieval database: chunks, embeddings, index, neighbours")
+    b.add_argument("--corpus", nargs="+", metavar="PATH",
+                   help=".txt folders, .jsonl(.gz/.zst), .parquet (default: this Python's standard library)")
+    b.add_argument("--out", required=True, metavar="DB_DIR", help="database folder (resumed if it exists)")
+    b.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    b.add_argument("--seed", type=int, default=0, help="split and tokenizer seed (default 0)")
+    b.add_argument("--no-dedup", action="store_true", help="keep training near-duplicates of validation documents")
+    b.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary (default 8192)")
+    b.add_argument("--tokenizer", metavar="MODEL", help="reuse this SentencePiece .model instead of training one")
+    b.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk (default 64)")
+    b.add_argument("--embedder", metavar="BERT_DIR", help="Hugging Face BERT folder (default all-MiniLM-L6-v2)")
+    b.add_argument("--embed-batch-size", type=int, default=64, help="BERT batch size (default 64)")
+    b.add_argument("--max-length", type=int, default=128, help="BERT tokens per chunk (default 128)")
+    b.add_argument("--shards", type=int, default=1, help="index shards (default 1)")
+    b.add_argument("--index-mode", choices=("auto", "exact", "scann"), default="auto",
+                   help="auto: exact below 20k chunks per shard, ScaNN above (default auto)")
+    b.add_argument("--neighbours", type=int, default=10, help="neighbours stored per chunk (default 10)")
+    b.add_argument("--max-documents", type=int, help="read at most this many documents")
+    b.add_argument("--max-chunks", type=int, help="stop adding documents once the database has this many chunks")
+    b.add_argument("--worker", type=int, default=0, help="this worker's slice: documents with doc_id %% W == I")
+    b.add_argument("--num-workers", type=int, default=1, help="number of slices W (default 1)")
+    b.add_argument("--combine", action="store_true", help="only merge finished slices and finish the database")
+    b.add_argument("--overwrite", action="store_true", help="rebuild the stages whose settings differ")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build_db)
+
+    i = subparsers.add_parser("db-info", help="documents, chunks, tokens, tokenizer, embedder, index of a database")
+    i.add_argument("db_dir", metavar="DB_DIR")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=_db_info)
+
+    c = subparsers.add_parser("db-check", help="recall@10 vs exact search, same-document neighbours, checksums")
+    c.add_argument("db_dir", metavar="DB_DIR")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--sample", type=int, default=1000, help="query chunks for recall@10 (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.set_defaults(func=_db_check)

@@ -1,0 +1,92 @@
+"""Shared fixtures for the database tests: a tiny generated corpus, a tiny random BERT, one build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from retro_jax.data.split import is_validation
+
+SEED, VAL_FRACTION = 0, 0.2
+WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprst" for b in "aeiou" for c in "nrstl"][:240]
+# Small and fast: SentencePiece vocab 400, 64-token blocks -> several embedding blocks.
+BUILD = dict(val_fraction=VAL_FRACTION, seed=SEED, vocab_size=400, chunk_size=32, embed_batch_size=16,
+             max_length=64, index_mode="exact", neighbours_stored=10, progress=False, embed_block=64)
+_CACHE: dict[str, Any] = {}
+
+
+def write_corpus(root: Path, n_docs: int = 36, seed: int = 0) -> list[Path]:
+    """n_docs .txt documents of random words (each doc draws from its own topic of words)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for d in range(n_docs):
+        topic = rng.choice(len(WORDS), 30, replace=False)
+        lines = [" ".join(WORDS[w] for w in rng.choice(topic, rng.integers(4, 12)))
+                 for _ in range(rng.integers(8, 40))]
+        path = root / f"doc{d:03d}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
+def validation_paths(paths: list[Path]) -> list[Path]:
+    return [p for p in paths if is_validation(str(p.resolve()), SEED, VAL_FRACTION)]
+
+
+def write_tiny_bert(root: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT (config.json, model.safetensors, WordPiece tokenizer.json) over WORDS."""
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(root / "tokenizer.json"))
+    d, f, n_pos = 32, 48, 128
+    cfg = dict(vocab_size=len(vocab), hidden_size=d, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=f, hidden_act="gelu", layer_norm_eps=1e-12,
+               max_position_embeddings=n_pos, type_vocab_size=2, model_type="bert")
+    (root / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)  # noqa: E731
+    t = {"embeddings.word_embeddings.weight": r(len(vocab), d),
+         "embeddings.position_embeddings.weight": r(n_pos, d),
+         "embeddings.token_type_embeddings.weight": r(2, d),
+         "embeddings.LayerNorm.weight": 1 + r(d), "embeddings.LayerNorm.bias": r(d)}
+    for i in range(2):
+        p = f"encoder.layer.{i}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            t[p + n + ".weight"], t[p + n + ".bias"] = r(d, d), r(d)
+        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = r(f, d), r(f)
+        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = r(d, f), r(d)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[p + n + ".weight"], t[p + n + ".bias"] = 1 + r(d), r(d)
+    save_file(t, str(root / "model.safetensors"))
+    return root
+
+
+def shared(tmp_path_factory: Any) -> dict[str, Any]:
+    """One corpus, one BERT and one complete single-worker build, shared by the whole session."""
+    if not _CACHE:
+        from retro_jax.retrieval.build import build_database
+
+        base = tmp_path_factory.mktemp("dbshared")
+        corpus = write_corpus(base / "corpus")
+        bert = write_tiny_bert(base / "bert")
+        out = base / "db"
+        manifest = build_database([str(base / "corpus")], str(out), embedder=str(bert), **BUILD)
+        _CACHE.update(base=base, corpus_dir=base / "corpus", corpus=corpus, bert=bert, db=out, manifest=manifest)
+    return _CACHE
+
+
+def npy_files(root: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every .npy and .model file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.suffix in (".npy", ".model")}

@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embed", action="store_true", help="benchmark the BERT embedder instead (lead's hook)")
     args = p.parse_args(argv)
     if args.embed:
-        bench_embedding(args)
+        try:
+            bench_embedding(args)
+        except NotImplementedError as e:
+            sys.exit(f"error: {e}")
         return
 
     t0 = time.perf_counter()
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         allx = np.load(args.embeddings, mmap_mode="r", allow_pickle=False)
         if allx.ndim != 2 or allx.shape[0] <= args.queries:
             sys.exit(f"error: {args.embeddings} has shape {allx.shape}; need [C, D] with C > --queries")
-        label = f"REAL embeddings {args.embeddings}"
+        label = f"embeddings from {args.embeddings} (last {args.queries} rows held out as queries)"
         db, q = allx[: -args.queries], np.asarray(allx[-args.queries :], np.float32)
     else:
         label = "SYNTHETIC clustered embeddings (1000 blobs, 48-d latent, unit norm) - not real text"

@@ -138,6 +138,14 @@ def test_k_larger_than_database_pads_with_minus_one(mode, tmp_path):
     np.testing.assert_array_equal(ids[:, 0], [0, 1, 2])  # each row is its own nearest
 
 
+@needs_scann
+def test_scann_returns_every_row_when_asked_for_all(data, scann_index):
+    db, q = data
+    ids, d = scann_index.search(q[:4], len(db))
+    assert all(np.array_equal(np.sort(row), np.arange(len(db))) for row in ids)
+    assert np.all(np.isfinite(d))
+
+
 def test_for_size_rule():
     small = IndexConfig.for_size(5_000, 384)
     assert small.mode == "exact"

@@ -265,8 +265,12 @@ class _ScannShard:
     def search(self, q_QxD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         kk = min(k, self.size)
         q = np.ascontiguousarray(q_QxD, dtype=np.float32)
+        # Asked for a large share of the shard (neighbour re-queries do this): search
+        # every leaf, so that "all rows" really means all rows.
+        leaves = self.config.num_leaves if 4 * kk >= self.size else None
         ids, d = self.searcher.search_batched_parallel(
-            q, final_num_neighbors=kk, pre_reorder_num_neighbors=max(self.config.reorder_k, kk)
+            q, final_num_neighbors=kk, pre_reorder_num_neighbors=max(self.config.reorder_k, kk),
+            leaves_to_search=leaves,
         )
         ids = np.asarray(ids, np.int64)
         d = np.asarray(d, np.float32)

@@ -45,3 +45,19 @@ def test_fully_masked_chunk_is_identity():
     out = np.asarray(f(h, e, valid.at[0, 1].set(False)))
     assert np.all(out[0, 2 * M - 1:3 * M - 1] == 0)
     assert np.abs(out[0, M - 1:2 * M - 1]).max() > 0
+
+
+def test_skew_equals_gather():
+    """The pad/reshape relative shift picks p[i, i - j + shift] (checked against a gather)."""
+    from retro_jax.model.layers import skew
+
+    rng = np.random.default_rng(1)
+    for q, k, shift in [(5, 5, 0), (4, 7, 6), (3, 9, 8), (6, 2, 1)]:
+        c = q + k - 1 if shift else q
+        p = rng.normal(size=(2, q, c)).astype(np.float32)
+        out = np.asarray(skew(jnp.asarray(p), k, shift))
+        for i in range(q):
+            for j in range(k):
+                col = i - j + shift
+                if 0 <= col < c:
+                    assert out[0, i, j] == p[0, i, col] and out[1, i, j] == p[1, i, col]

@@ -44,12 +44,12 @@ class ChunkedCrossAttention(nn.Module):
         q_BLxMxD = shifted_BxNxD.reshape(b * l, m, d)
         kv_BLxKRxE = e_BxLxKxRxE.reshape(b * l, k * r, e_dim)
         mask = valid_BxLxKxR.reshape(b * l, 1, 1, k * r)
-        q_pos = (m - 1) + jnp.arange(m)
-        k_pos = jnp.tile(jnp.arange(r), k)
+        # Query row i at offset m-1+i from chunk u's start; neighbour token j at offset j (the
+        # k neighbours are independent blocks of r keys each).
         out_BLxMxD = RelativeAttention(
             cfg.num_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype),
             max_wavelength=cfg.max_wavelength, name="attn",
-        )(q_BLxMxD, kv_BLxKRxE, q_pos, k_pos, mask, rel_base=m - r, rel_count=m + r - 1)
+        )(q_BLxMxD, kv_BLxKRxE, mask, q_offset=m - 1, k_offset=0, k_period=r)
         out_BxNxD = out_BLxMxD.reshape(b, n, d)
         # Shift back: pad m-1 at the front (identity on positions 0..m-2) and cut to N.
         return jnp.pad(out_BxNxD, ((0, 0), (m - 1, 0), (0, 0)))[:, :n]

@@ -42,7 +42,6 @@ class Encoder(nn.Module):
                          name="embed")
         x = embed(tokens).reshape(b * l * k, r, cfg.enc_d_model)
         self_mask = valid.reshape(b * l * k, 1, 1, r)
-        pos_r = jnp.arange(r)
         # The chunk activations every neighbour of that chunk attends to (shared, not copied).
         cond_BLxMxD = RMSNorm(cfg.norm_eps, dt, name="chunk_norm")(h_BxLxMxD).reshape(b * l, m, d)
 
@@ -52,14 +51,11 @@ class Encoder(nn.Module):
 
         for i in range(1, cfg.enc_num_layers + 1):
             y = RMSNorm(cfg.norm_eps, dt, name=f"layer_{i}_attn_norm")(x)
-            x = x + attention(f"layer_{i}_attn")(y, y, pos_r, pos_r, self_mask,
-                                                  rel_base=-(r - 1), rel_count=2 * r - 1)
+            x = x + attention(f"layer_{i}_attn")(y, y, self_mask)
             if i in cfg.enc_cross_layers:
                 y = RMSNorm(cfg.norm_eps, dt, name=f"layer_{i}_cross_norm")(x)
                 y = y.reshape(b * l, k * r, cfg.enc_d_model)
-                ca = attention(f"layer_{i}_cross_attn")(
-                    y, cond_BLxMxD, jnp.tile(pos_r, k), jnp.arange(m), None,
-                    rel_base=-(m - 1), rel_count=r + m - 1)
+                ca = attention(f"layer_{i}_cross_attn")(y, cond_BLxMxD, None, q_period=r)
                 x = x + ca.reshape(b * l * k, r, cfg.enc_d_model)
             y = RMSNorm(cfg.norm_eps, dt, name=f"layer_{i}_ffw_norm")(x)
             x = x + FeedForward(cfg.enc_d_ff, dtype=dt, name=f"layer_{i}_ffw")(y)

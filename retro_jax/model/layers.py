@@ -12,7 +12,9 @@ R is a sinusoidal encoding of the signed distance with the query side's model wi
 is a projection of the same size as W_Q (the "relative-position projection" counted in the
 paper's parameter totals). Distances are computed from explicit query/key positions, so the
 same code serves causal self-attention, the encoder, both cross-attentions, and (later) a
-single decode step against a KV cache whose offset is a traced value.
+single decode step against a KV cache whose offset is a traced value. The (i, j) distance
+matrix is never gathered: the projected table is "skewed" by pad/reshape (Transformer-XL's
+relative shift), which costs no gather/scatter on any backend.
 """
 
 from __future__ import annotations
@@ -78,13 +80,30 @@ def sinusoids(positions_P: jax.Array, dim: int, max_wavelength: float = 10_000.0
     return enc
 
 
+def skew(p_QxC: jax.Array, k_len: int, shift: int) -> jax.Array:
+    """out[..., i, j] = p[..., i, i - j + shift] for i < Q, j < k_len, by pad/reshape only.
+
+    This is Transformer-XL's "relative shift": no gather (and no scatter in the backward
+    pass). Entries whose column i - j + shift falls outside [0, C) hold unrelated values and
+    must be masked by the caller (the causal upper triangle)."""
+    *lead, q, c = p_QxC.shape
+    flat = p_QxC.reshape(*lead, q * c)
+    o = shift - (k_len - 1)
+    front, back = max(0, -o), max(0, o + q)
+    flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(front, back)])
+    start = front + o
+    seg = jax.lax.slice_in_dim(flat, start, start + q * (c + 1), axis=-1)
+    return jnp.flip(seg.reshape(*lead, q, c + 1)[..., :k_len], axis=-1)
+
+
 class RelativeAttention(nn.Module):
     """Multi-head attention of queries x_q over keys/values x_kv with relative positions.
 
-    Positions are given per axis (shared across the batch): q_pos [Q], k_pos [K], both int.
-    Relative encodings are computed for the `rel_count` distances rel_base, rel_base+1, ...;
-    every unmasked q_pos[i] - k_pos[j] must fall in that range (the callers derive it from
-    their static layout; rel_base may be traced, e.g. a decode step's offset).
+    Positions: query row i sits at q_offset + (i mod q_period), key j at k_offset +
+    (j mod k_period) (periods default to the full lengths; they express a stack of
+    independent blocks, e.g. the k neighbours merged on one axis in CCA). q_offset may be
+    traced (a decode step). `causal=True` (self-attention, q and k the same positions)
+    encodes only the distances 0..n-1 that the causal mask lets through.
     mask: bool, broadcastable to [B, H, Q, K]; True = may attend. A query row with no key
     allowed gets a zero output (CCA is then the identity for it).
     """
@@ -95,10 +114,14 @@ class RelativeAttention(nn.Module):
     max_wavelength: float = 10_000.0
 
     @nn.compact
-    def __call__(self, x_q_BxQxD: jax.Array, x_kv_BxKxE: jax.Array, q_pos_Q: jax.Array,
-                 k_pos_K: jax.Array, mask: jax.Array | None, rel_base: int | jax.Array,
-                 rel_count: int) -> jax.Array:
-        d_q, d_kv = x_q_BxQxD.shape[-1], x_kv_BxKxE.shape[-1]
+    def __call__(self, x_q_BxQxD: jax.Array, x_kv_BxKxE: jax.Array, mask: jax.Array | None, *,
+                 q_offset: int | jax.Array = 0, k_offset: int = 0, q_period: int | None = None,
+                 k_period: int | None = None, causal: bool = False) -> jax.Array:
+        b, q_len, d_q = x_q_BxQxD.shape
+        k_len, d_kv = x_kv_BxKxE.shape[1], x_kv_BxKxE.shape[-1]
+        qp, kp = q_period or q_len, k_period or k_len
+        if q_len % qp or k_len % kp:
+            raise ValueError(f"periods ({qp}, {kp}) must divide lengths ({q_len}, {k_len})")
         h, dh = self.num_heads, self.head_dim
         dt = self.dtype
         wq = param(self, "wq", _kernel_init(0, (1, 2)), (d_q, h, dh), ("embed", "heads", "kv"))
@@ -109,24 +132,29 @@ class RelativeAttention(nn.Module):
         u = param(self, "u_bias", nn.initializers.zeros, (h, dh), ("heads", "kv"))
         v = param(self, "v_bias", nn.initializers.zeros, (h, dh), ("heads", "kv"))
 
-        q = jnp.einsum("bqd,dhk->bqhk", x_q_BxQxD, wq.astype(dt))
+        scale = dh ** -0.5
+        q = jnp.einsum("bqd,dhk->bqhk", x_q_BxQxD, (wq * scale).astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x_kv_BxKxE, wk.astype(dt))
         val = jnp.einsum("bsd,dhk->bshk", x_kv_BxKxE, wv.astype(dt))
-        q = q * jnp.asarray(dh ** -0.5, dt)
 
         # Content term (q + u) . k.
-        logits = jnp.einsum("bqhk,bshk->bhqs", q + u.astype(dt) * dh ** -0.5, k,
+        logits = jnp.einsum("bqhk,bshk->bhqs", q + (u * scale).astype(dt), k,
                             preferred_element_type=jnp.float32)
-        # Position term (q + v) . W_R R(d) for every distance in the table, then gathered.
-        distances_C = rel_base + jnp.arange(rel_count)
-        r_CxD = sinusoids(distances_C, d_q, self.max_wavelength).astype(dt)
+        # Position term (q + v) . W_R R(d): every distance d of the table, then skewed so that
+        # entry (i, j) holds d = pos(i) - pos(j).
+        if causal:
+            if qp != kp or not isinstance(q_offset, int) or q_offset != k_offset:
+                raise ValueError("causal relative attention needs identical query/key positions")
+            base, count, shift = 0, qp, 0
+        else:
+            base, count, shift = (q_offset - k_offset) - (kp - 1), qp + kp - 1, kp - 1
+        r_CxD = sinusoids(base + jnp.arange(count), d_q, self.max_wavelength).astype(dt)
         r_CxHxK = jnp.einsum("cd,dhk->chk", r_CxD, wr.astype(dt))
-        pos_BxHxQxC = jnp.einsum("bqhk,chk->bhqc", q + v.astype(dt) * dh ** -0.5, r_CxHxK,
-                                 preferred_element_type=jnp.float32)
-        # Clipped: entries outside the table are masked (e.g. negative distances when causal).
-        idx_QxK = jnp.clip((q_pos_Q[:, None] - k_pos_K[None, :]) - rel_base, 0, rel_count - 1)
-        idx = jnp.broadcast_to(idx_QxK, pos_BxHxQxC.shape[:-1] + idx_QxK.shape[-1:])
-        logits = logits + jnp.take_along_axis(pos_BxHxQxC, idx, axis=-1)
+        pos = jnp.einsum("bqhk,chk->bhqc", q + (v * scale).astype(dt), r_CxHxK,
+                         preferred_element_type=jnp.float32)
+        pos = pos.reshape(b, h, q_len // qp, qp, count)
+        pos = skew(pos, kp, shift).reshape(b, h, q_len, 1, kp)
+        logits = (logits.reshape(b, h, q_len, k_len // kp, kp) + pos).reshape(b, h, q_len, k_len)
 
         if mask is not None:
             logits = jnp.where(mask, logits, _NEG)

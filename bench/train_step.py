@@ -1,0 +1,112 @@
+"""Train-step throughput and model FLOPs utilisation (MFU) on this machine.
+
+Measures, side by side in one run:
+  * the dense float32 matmul ceiling (FLOP/s of a jitted square matmul, best of sizes),
+  * a jitted forward + backward + AdamW step of the `tiny` preset and of a mid-sized config,
+    in tokens/s, model FLOP/s (analytic count, retro_jax.model.count) and MFU against that ceiling.
+XLA's own FLOP count of the compiled step is printed too, as a cross-check of the analytic count.
+
+    .venv/bin/python bench/train_step.py [--steps 5] [--configs tiny,mid] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retro_jax.config import ModelConfig
+from retro_jax.model import init_params
+from retro_jax.model.count import flops_per_token
+from retro_jax.quickstart import random_batch
+from retro_jax.train.step import TrainState, make_optimizer, train_step
+
+# A mid-sized RETRO: matmuls big enough to approach the CPU's matmul ceiling, small enough to
+# step in seconds on 2 cores. Same structure as the paper's models (CCA every 2nd layer here).
+MID = ModelConfig(name="mid", vocab_size=8192, d_model=1024, num_layers=4, num_heads=8, head_dim=128,
+                  d_ff=4096, cca_layers=(2, 4), enc_d_model=512, enc_num_layers=2, enc_num_heads=4,
+                  enc_head_dim=128, enc_d_ff=2048)
+SHAPES = {"tiny": (ModelConfig.from_preset("tiny"), 8, 256), "mid": (MID, 4, 512),
+          "mid-baseline": (MID.baseline(), 4, 512)}
+
+
+def _time(fn, steps: int) -> float:
+    fn()  # compile + warm up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_ceiling(steps: int) -> tuple[float, int]:
+    """Best dense f32 matmul FLOP/s over a few sizes (the roofline a train step is held to)."""
+    best = (0.0, 0)
+    for n in (1024, 2048, 3072):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(lambda a, b: a @ b)
+        t = _time(lambda: f(a, b).block_until_ready(), steps)
+        best = max(best, (2 * n ** 3 / t, n))
+    return best
+
+
+def bench_config(name: str, steps: int) -> dict:
+    cfg, batch, seq = SHAPES[name]
+    params = init_params(cfg, jax.random.key(0), seq)
+    opt = make_optimizer(2e-4)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+    data = {k: jnp.asarray(v) for k, v in random_batch(cfg, batch, seq).items()}
+    step = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, optimizer=opt), donate_argnums=0)
+    compiled = step.lower(state, data).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = compiled(holder["state"], data)
+        m["loss"].block_until_ready()
+
+    t = _time(run, steps)
+    tokens = batch * seq
+    model_flops = flops_per_token(cfg, seq) * tokens
+    return {"config": name, "batch": batch, "seq_len": seq, "step_s": t, "tokens_per_s": tokens / t,
+            "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+            "model_flop_s": model_flops / t}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--configs", default="tiny,mid,mid-baseline")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    peak, n = matmul_ceiling(args.steps)
+    dev = jax.devices()[0]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}")
+    print(f"dense f32 matmul ceiling: {peak / 1e9:.1f} GFLOP/s (n={n})\n")
+    rows = []
+    print("| config | batch x seq | step (ms) | tokens/s | model GFLOP/step | XLA GFLOP/step | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.configs.split(","):
+        r = bench_config(name, args.steps)
+        r["mfu"] = r["model_flop_s"] / peak
+        rows.append(r)
+        print(f"| {name} | {r['batch']}x{r['seq_len']} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['model_flops_per_step'] / 1e9:.1f} | {r['xla_flops_per_step'] / 1e9:.1f} | "
+              f"{r['model_flop_s'] / 1e9:.1f} | {100 * r['mfu']:.0f}% |", flush=True)
+    if args.json:
+        print(json.dumps({"matmul_flop_s": peak, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

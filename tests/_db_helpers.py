@@ -36,7 +36,7 @@ def write_corpus(root: Path, n_docs: int = 36, seed: int = 0) -> list[Path]:
 
 
 def validation_paths(paths: list[Path]) -> list[Path]:
-    return [p for p in paths if is_validation(str(p.resolve()), SEED, VAL_FRACTION)]
+    return [p for p in paths if is_validation(str(p), SEED, VAL_FRACTION)]
 
 
 def write_tiny_bert(root: Path, seed: int = 0) -> Path:

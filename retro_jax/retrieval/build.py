@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retro_jax.data.chunks import ChunkStore, ChunkWriter
-from retro_jax.data.corpus import CorpusStats, iter_documents
+from retro_jax.data.corpus import CorpusError, CorpusStats, iter_documents
 from retro_jax.data.dedup import NearDuplicateFilter
 from retro_jax.data.split import is_validation
 from retro_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -380,6 +380,9 @@ def build_database(
         raise BuildError(f"--index-mode must be auto, exact or scann, got {index_mode!r}")
     if neighbours_stored < 10:
         log.warning("storing %d neighbours per chunk; evaluation (leakage filter) wants 10", neighbours_stored)
+    missing = [p for p in corpus or [] if not os.path.exists(p)]
+    if missing:
+        raise CorpusError(f"corpus path does not exist: {os.fspath(missing[0])!r}")
     root = Path(out)
     _check_out(root, overwrite)
     s = _settings(corpus, max_documents=max_documents, val_fraction=val_fraction, seed=seed, dedup=dedup,
@@ -409,11 +412,32 @@ def build_database(
     (root / "stages").mkdir(parents=True, exist_ok=True)
     if not combine:
         tok = _tokenizer_stage(root, s, tokenizer, worker, overwrite, progress)
+        if _combined_already(root, s, tok, tokenizer is not None, overwrite):
+            return _combine_and_finish(root, s, combine, overwrite, progress)
         sdir = slice_dir(root, worker, num_workers)
         chunks = _chunks_stage(sdir, s, tok, worker, overwrite, progress)
         _embed_stage(sdir, chunks, tok, emb, embedder, embed_block, overwrite, progress, stop_after_embed_blocks)
         log.info("slice %d of %d complete in %s", worker, num_workers, sdir)
     return _combine_and_finish(root, s, combine, overwrite, progress)
+
+
+def _combined_already(root: Path, s: dict[str, Any], tok: Tokenizer, given: bool, overwrite: bool) -> bool:
+    """True if the slices were already merged with these settings (they may be deleted by now)."""
+    path = root / "stages" / "combine.json"
+    rec = read_json(path) or {}
+    if not rec.get("complete"):
+        return False
+    old = {**rec["result"]["settings"], "tokenizer_sha256": rec["result"].get("tokenizer_sha256")}
+    new = {**{k: s.get(k) for k in old}, "tokenizer_sha256": tok.sha256}
+    if given or read_json(root / "stages" / "tokenizer.json")["settings"]["source"] == "given":
+        old.pop("vocab_size"), new.pop("vocab_size")
+    diff = diff_settings(old, new)
+    if diff and not overwrite:
+        raise BuildError(f"{str(root)!r} holds a database built with other settings ({'; '.join(diff)}); "
+                         "pass --overwrite to rebuild what changed, or choose another --out")
+    if diff:
+        path.unlink()
+    return not diff
 
 
 def _combine_and_finish(root: Path, s: dict[str, Any], explicit: bool, overwrite: bool,
@@ -422,7 +446,7 @@ def _combine_and_finish(root: Path, s: dict[str, Any], explicit: bool, overwrite
     dirs = [slice_dir(root, i, w) for i in range(w)]
     pending = [i for i, d in enumerate(dirs)
                if not all((read_json(d / "stages" / f"{n}.json") or {}).get("complete") for n in ("chunks", "embed"))]
-    if pending and not (explicit and (root / "stages" / "combine.json").is_file()):
+    if pending and not (read_json(root / "stages" / "combine.json") or {}).get("complete"):
         msg = f"slices {pending} of {w} are not complete yet (run build-db --worker I --num-workers {w})"
         if explicit:
             raise BuildError(f"cannot combine {str(root)!r}: {msg}")
@@ -499,7 +523,7 @@ def _plan(stores: list[ChunkStore]) -> np.ndarray:
     rows = [np.zeros((0, 4), np.int64)]
     for i, store in enumerate(stores):
         docs, starts = _doc_runs(store.doc_ids)
-        ends = np.append(starts[1:], store.num_chunks)
+        ends = np.append(starts[1:], store.num_chunks)[:len(starts)]
         rows.append(np.stack([docs, np.full_like(docs, i), starts, ends], 1))
     plan = np.concatenate(rows)
     return plan[np.argsort(plan[:, 0], kind="stable")]
@@ -580,5 +604,5 @@ def combine_slices(root: Path, dirs: list[Path], overwrite: bool, progress: bool
     embedder = {"name": e["settings"]["embedder"], "path": e["result"]["path"], "dim": dim,
                 "max_length": e["settings"]["max_length"]}
     log.info("combined %d slice(s) into %s: %s", len(dirs), root, counts)
-    return settings, stage.finish({"settings": settings, "counts": counts, "corpus": corpus,
+    return settings, stage.finish({"settings": settings, "tokenizer_sha256": tok.sha256, "counts": counts, "corpus": corpus,
                                    "embedder": embedder, "checksums": sums})

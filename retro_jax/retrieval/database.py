@@ -303,8 +303,9 @@ class Retriever:
         toks = np.asarray(chunk_tokens)
         if toks.ndim != 2:
             raise ValueError(f"chunk_tokens must be [Q, m], got shape {toks.shape}")
-        texts = [self.db.tokenizer.decode(row) for row in toks]
-        q = self.embedder.embed(texts) if texts else np.zeros((0, self.db.index.dim), np.float32)
+        if len(toks) == 0:
+            return np.zeros((0, k, 2 * self.db.chunk_size), np.int32)
+        q = self.embedder.embed([self.db.tokenizer.decode(row) for row in toks])
         if exclude_doc_ids is None:
             ids, _ = self.db.index.search(q, k)
         else:

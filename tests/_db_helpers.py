@@ -20,18 +20,21 @@ BUILD = dict(val_fraction=VAL_FRACTION, seed=SEED, vocab_size=400, chunk_size=32
 _CACHE: dict[str, Any] = {}
 
 
-def write_corpus(root: Path, n_docs: int = 36, seed: int = 0) -> list[Path]:
-    """n_docs .txt documents of random words (each doc draws from its own topic of words)."""
+def write_corpus(root: Path, n_docs: int = 36, seed: int = 0, min_validation: int = 3) -> list[Path]:
+    """At least n_docs .txt documents of random words (each doc draws from its own topic of words),
+    more if needed for `min_validation` of them to hash into the validation split."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for d in range(n_docs):
+    paths: list[Path] = []
+    d = 0
+    while d < n_docs or len(validation_paths(paths)) < min_validation:  # the split hashes the path
         topic = rng.choice(len(WORDS), 30, replace=False)
         lines = [" ".join(WORDS[w] for w in rng.choice(topic, rng.integers(4, 12)))
                  for _ in range(rng.integers(8, 40))]
         path = root / f"doc{d:03d}.txt"
         path.write_text("\n".join(lines) + "\n")
         paths.append(path)
+        d += 1
     return paths
 
 

@@ -88,8 +88,31 @@ def test_two_workers_and_combine_equal_one_worker(base, tmp_path):
         for doc in np.unique(a.doc_ids):
             np.testing.assert_array_equal(_doc_chunks(a, doc), _doc_chunks(b, doc))
         np.testing.assert_allclose(one.embeddings(split), two.embeddings(split), atol=1e-5)
-        sets_a = [set(r) for r in np.asarray(one.neighbours(split))]
-        assert sets_a == [set(r) for r in np.asarray(two.neighbours(split))]
+        # Same neighbour sets, except where the 10th and 11th are tied to float rounding (a chunk's
+        # embedding depends on its batch's padded shape in the last bits).
+        np.testing.assert_allclose(one.neighbour_distances(split), two.neighbour_distances(split), rtol=1e-4)
+        q, x, kth = one.embeddings(split), one.embeddings("train"), one.neighbour_distances(split)[:, -1]
+        differ = 0
+        for i, (ra, rb) in enumerate(zip(one.neighbours(split), two.neighbours(split))):
+            for j in set(ra) ^ set(rb):
+                differ += 1
+                assert abs(((q[i] - x[j]) ** 2).sum() - kth[i]) <= 1e-4 * kth[i] + 1e-6
+        assert differ <= 0.02 * len(q)
+
+
+def test_stale_combine_lock_of_a_dead_process_does_not_block_resume(base, tmp_path):
+    import socket
+    import subprocess
+
+    out = tmp_path / "db"
+    shutil.copytree(base["db"], out)
+    (out / "manifest.json").unlink()  # as if killed after the neighbours, before the manifest
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "combine.lock").write_text(f"{socket.gethostname()}:{dead.pid}")
+    m = build_database([str(base["corpus_dir"])], str(out), embedder=str(base["bert"]), **BUILD)
+    assert m is not None and not (out / "combine.lock").exists()
+    assert m["checksums"] == Database.open(base["db"]).manifest["checksums"]
 
 
 def test_max_chunks_keeps_a_corpus_prefix_across_workers(base, tmp_path):
@@ -112,7 +135,8 @@ def test_max_chunks_keeps_a_corpus_prefix_across_workers(base, tmp_path):
 
 
 def test_dedup_removes_training_copies_of_validation_documents(base, tmp_path):
-    corpus = tmp_path / "corpus"
+    corpus = next(c for c in (tmp_path / f"corpus{i}" for i in range(100))  # a copy with a validation doc
+                  if validation_paths([c / p.name for p in base["corpus"]]))
     shutil.copytree(base["corpus_dir"], corpus)
     paths = sorted(corpus.iterdir())
     val = validation_paths(paths)[0]
@@ -153,7 +177,7 @@ def test_no_validation_documents_still_gives_a_checkable_database(base, tmp_path
     db = Database.open(tmp_path / "db")
     assert db.neighbours("validation").shape == (0, 10)
     check = db.check(sample=30)
-    assert check["recall_query_split"] == "train" and check["same_document_neighbours"] == 0
+    assert check["recall_queries"] == {"validation": 0, "train": 30} and check["same_document_neighbours"] == 0
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -210,4 +234,4 @@ def test_tiny_bert_writer_is_loadable(tmp_path):
 
     emb = Embedder.load(write_tiny_bert(tmp_path / "b"), max_length=32, batch_size=4)
     assert emb.embed(["bad", "fin"]).shape == (2, 32)
-    assert len(write_corpus(tmp_path / "c", n_docs=3)) == 3
+    assert len(write_corpus(tmp_path / "c", n_docs=3, min_validation=0)) == 3

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +441,34 @@ def _combined_already(root: Path, s: dict[str, Any], tok: Tokenizer, given: bool
     return not diff
 
 
+def _take_lock(lock: Path) -> bool:
+    """Create `lock` exclusively (content host:pid); a lock left by a dead process on this host is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().rpartition(":")
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                return False
+            log.warning("removing stale %s left by dead process %s", lock, pid)
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _combine_and_finish(root: Path, s: dict[str, Any], explicit: bool, overwrite: bool,
                         progress: bool) -> dict[str, Any] | None:
     w = s["num_workers"]
@@ -453,16 +482,12 @@ def _combine_and_finish(root: Path, s: dict[str, Any], explicit: bool, overwrite
         log.info("%s; the last worker to finish combines", msg)
         return None
     lock = root / "combine.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+    if not _take_lock(lock):
         if explicit:
             raise BuildError(f"{lock} exists: another process is combining (delete it if that process died)")
         log.info("another worker holds %s and is combining", lock)
         return None
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         slice_settings, combined = combine_slices(root, dirs, overwrite, progress)
         s = {**slice_settings, **{k: s[k] for k in COMBINE_KEYS}}
         index_result = _index_stage(root, s, combined, overwrite, progress)

@@ -232,18 +232,21 @@ class Database:
         """Recompute integrity figures.
 
         recall_at_10: mean fraction of the exact top-k (brute force over train embeddings)
-          that the index returns, over `sample` query chunks (validation, else train);
+          that the index returns, over `sample` query chunks (validation first, then train);
         same_document_neighbours: stored neighbours from the query's own document (must be 0),
           over ALL stored neighbours of both splits;
         missing_neighbours: stored -1 ids (both splits); checksums_ok: every file's sha256.
         """
         train_emb = self.embeddings("train")
         k = min(k, train_emb.shape[0])
-        q_split = "validation" if self.validation.num_chunks else "train"
-        q_emb = self.embeddings(q_split)
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(q_emb.shape[0], size=min(sample, q_emb.shape[0]), replace=False))
-        q = np.asarray(q_emb[rows], dtype=np.float32)
+        queries, drawn = [], {}
+        for split in ("validation", "train"):  # validation chunks first, topped up with train chunks
+            emb = self.embeddings(split)
+            n = min(sample - sum(drawn.values()), emb.shape[0])
+            drawn[split] = n
+            queries.append(np.asarray(emb[np.sort(rng.choice(emb.shape[0], size=n, replace=False))], np.float32))
+        q = np.concatenate(queries)
         got, _ = self.index.search(q, k)
         want, _ = exact_search(train_emb, q, k)
         hits = [len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, int((w >= 0).sum())) for g, w in zip(got, want)]
@@ -260,7 +263,7 @@ class Database:
                 missing[split] += int((~valid).sum())
         out = {
             "recall_at_10": float(np.mean(hits)) if hits else float("nan"),
-            "recall_queries": int(len(rows)), "recall_query_split": q_split,
+            "recall_queries": drawn,
             "same_document_neighbours": sum(same.values()),
             "missing_neighbours": sum(missing.values()),
             "missing_neighbours_per_split": missing,

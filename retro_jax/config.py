@@ -152,10 +152,77 @@ PAPER_PARAMS_M = {
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
+# Training defaults per preset (paper §C.1 for the paper sizes; CPU-sized for tiny).
+_TRAIN_PAPER = dict(seq_len=2048, batch_size=256, steps=100_000, lr_max=2e-4, lr_init=1e-7,
+                    warmup_steps=750, lr_final_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
+                    b1=0.9, b2=0.95, seed=0, log_every=50, checkpoint_every=1000,
+                    keep_checkpoints=3, max_bad_steps=10, retrieval=True, eval_every=0,
+                    eval_batches=8)
+_TRAIN_TINY = dict(_TRAIN_PAPER, seq_len=256, batch_size=16, steps=300, lr_max=1e-3,
+                   warmup_steps=30, log_every=10, checkpoint_every=100)
+
+
 def experiment_config(preset: str) -> ml_collections.ConfigDict:
-    """The experiment config of a preset: `model` holds the ModelConfig fields."""
-    model = ModelConfig.from_preset(preset).to_dict()
-    return ml_collections.ConfigDict({"name": preset, "model": model})
+    """The experiment config of a preset.
+
+    model: the ModelConfig fields.   train: optimisation, data and checkpoint settings.
+    mesh: device-mesh shape (data x fsdp x tensor; -1 fills with the remaining devices).
+    eval: bits-per-byte windows (the paper: 2048 with stride 1024).
+    """
+    cfg = ModelConfig.from_preset(preset)
+    train = dict(_TRAIN_TINY if cfg.name.startswith("tiny") else _TRAIN_PAPER)
+    if cfg.name == "retro-7.5b" or cfg.name == "baseline-7b":
+        train.update(lr_max=1e-4, batch_size=1024)
+    train["retrieval"] = cfg.is_retro
+    window = train["seq_len"]
+    return ml_collections.ConfigDict({
+        "name": preset,
+        "model": cfg.to_dict(),
+        "train": train,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "eval": {"window": window, "stride": window // 2, "batch_size": 8},
+    })
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=v` / `config.a.b=v` / `a.b=v` overrides (ml_collections' form).
+
+    Values are parsed as Python literals and must keep the type of the field they replace;
+    unknown keys are an error that lists the known ones.
+    """
+    import ast
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form --config.key=value")
+        key = key.removeprefix("config.")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise ValueError(f"unknown config key {key!r}: no section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"unknown config key {key!r}; known keys here: {sorted(node.keys())}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        old = node[leaf]
+        if isinstance(old, bool) or isinstance(value, bool):
+            if not isinstance(value, bool) or not isinstance(old, bool):
+                raise ValueError(f"{key} expects {type(old).__name__}, got {raw!r}")
+        elif isinstance(old, float) and isinstance(value, int):
+            value = float(value)
+        elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple, int)):
+            value = [value] if isinstance(value, int) else list(value)
+        elif old is not None and not isinstance(value, type(old)):
+            raise ValueError(f"{key} expects {type(old).__name__}, got {raw!r}")
+        node[leaf] = value
+    ModelConfig.from_dict(dict(config.model))  # validate now, before anything compiles
+    return config
 
 
 def load_config(name_or_path: str) -> ml_collections.ConfigDict:

@@ -47,3 +47,19 @@ def test_unknown_keys_and_names_are_clear_errors():
         load_config("no-such-model")
     with pytest.raises(ValueError, match="cca_layers"):
         ModelConfig(num_layers=4, cca_layers=(6,))
+
+
+def test_overrides_keep_types_and_reject_unknown_keys():
+    from retro_jax.config import apply_overrides
+
+    cfg = apply_overrides(load_config("tiny"), ["--config.train.steps=7", "config.train.lr_max=1",
+                                                "--config.model.cca_layers=(4,)", "mesh.data=2"])
+    assert cfg.train.steps == 7 and cfg.train.lr_max == 1.0 and isinstance(cfg.train.lr_max, float)
+    assert ModelConfig.from_dict(dict(cfg.model)).cca_layers == (4,) and cfg.mesh.data == 2
+    assert load_config("tiny").train.steps != 7  # the preset itself is untouched
+    for bad, msg in [("--config.train.stepz=1", "unknown config key"),
+                     ("--config.train.steps=abc", "expects int"),
+                     ("--config.model.d_model=0", "must be positive"),
+                     ("--config.train.steps", "form --config.key=value")]:
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(load_config("tiny"), [bad])

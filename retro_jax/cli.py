@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="the main job of `make quickstart`")
     qs.add_argument("--out", default="out/quickstart", help="folder for every artefact")
     qs.set_defaults(func=_quickstart)
+
+    from retro_jax.retrieval import commands as db_commands
+
+    db_commands.register(sub)  # build-db, db-info, db-check
     return p
 
 

@@ -1,18 +1,26 @@
-"""Loss, optimizer and the jitted train/eval steps (pure functions of (state, batch)).
+"""Loss, optimizer, learning-rate schedule and the jitted train/eval steps.
 
 A batch is a dict of arrays:
   tokens     int32 [B, N]    inputs
   targets    int32 [B, N]    next tokens
   loss_mask  float32 [B, N]  1 where the target counts (0 on padding)
   neighbours int32 [B, ceil(N/m), K, 2m]   optional; absent = retrieval off
+
+A step whose loss or gradient norm is not finite is skipped: parameters and optimizer state
+stay bit for bit as they were, `skipped` and `bad_in_a_row` count it (a good step resets
+`bad_in_a_row`; the loop stops on too many in a row). `step` counts batches consumed, skipped
+or not; the optimizer (and so the schedule) has seen `step - skipped` updates.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,20 +31,53 @@ from retro_jax.model.retro import Retro
 LN2 = math.log(2.0)
 
 
+def _zero() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: jax.Array  # batches consumed
     params: Any
     opt_state: Any
+    skipped: jax.Array = dataclasses.field(default_factory=_zero)  # non-finite steps, in all
+    bad_in_a_row: jax.Array = dataclasses.field(default_factory=_zero)  # ... since the last good one
+
+    @classmethod
+    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(step=_zero(), params=params, opt_state=optimizer.init(params))
+
+
+# -- optimisation ------------------------------------------------------------------------
+
+def make_schedule(lr_max: float, warmup: int, total: int, init: float = 1e-7,
+                  final_ratio: float = 0.1) -> optax.Schedule:
+    """The paper's schedule: linear warm-up init -> lr_max over `warmup` steps, then cosine
+    decay to final_ratio * lr_max at step `total` (constant after)."""
+    if warmup < 0 or total <= warmup:
+        raise ValueError(f"need 0 <= warmup < total; got warmup={warmup}, total={total}")
+    return optax.warmup_cosine_decay_schedule(init_value=init, peak_value=lr_max, warmup_steps=warmup,
+                                              decay_steps=total, end_value=final_ratio * lr_max)
 
 
 def make_optimizer(learning_rate: float | optax.Schedule = 2e-4, weight_decay: float = 0.1,
-                   clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
-    """AdamW (paper §C.1: weight decay 0.1), with optional global-norm gradient clipping."""
+                   clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.95,
+                   trainable_mask: Any | None = None) -> optax.GradientTransformation:
+    """AdamW (paper §C.1: weight decay 0.1) after optional global-norm gradient clipping.
+
+    trainable_mask: None (train all) or a pytree of bools shaped like the params; False
+    leaves get zero updates (they stay bit-identical: see `train_step`), and neither their
+    gradients nor their weights enter clipping or AdamW state."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if trainable_mask is None:
+        return tx
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable_mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
+
+# -- loss --------------------------------------------------------------------------------
 
 def cross_entropy(logits_BxNxV: jax.Array, targets_BxN: jax.Array,
                   mask_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -47,21 +88,80 @@ def cross_entropy(logits_BxNxV: jax.Array, targets_BxN: jax.Array,
 
 
 def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Mean masked next-token loss (nats) and its metrics. Compute in cfg.dtype, loss in f32."""
     logits = Retro(cfg).apply({"params": params}, batch["tokens"], batch.get("neighbours"))
     total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"loss": loss, "bits_per_token": loss / LN2, "tokens": count}
 
 
+# -- steps -------------------------------------------------------------------------------
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One forward + backward + optimizer update."""
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+               optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+    """One forward + backward + optimizer update, skipped if the loss or gradients are not finite.
+
+    Metrics: loss, bits_per_token, tokens, grad_norm (before clipping), skipped (0/1) and,
+    given the optimizer's `schedule`, learning_rate (the rate this step used)."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    # A zero update keeps the parameter itself (bit for bit, even -0.0): frozen params never move.
+    params = jax.tree_util.tree_map(lambda p, u: jnp.where(ok & (u != 0), p + u.astype(p.dtype), p),
+                                    state.params, updates)
+    opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_opt, state.opt_state)
+    bad = (~ok).astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=grad_norm, skipped=bad)
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step - state.skipped), jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           skipped=state.skipped + bad, bad_in_a_row=(state.bad_in_a_row + 1) * bad)
+    return new_state, metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, cfg: ModelConfig) -> dict:
     return loss_fn(params, cfg, batch)[1]
+
+
+def _under_mesh(jitted: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """Call (and trace) `jitted` with the mesh set and the logical-axis rules active."""
+    from retro_jax.train.mesh import LOGICAL_AXIS_RULES  # mesh.py imports TrainState from here
+
+    @functools.wraps(jitted)
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
+
+
+def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                            mesh: jax.sharding.Mesh, state_shardings: TrainState,
+                            schedule: optax.Schedule | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`: jitted with in/out shardings, the state donated.
+
+    Batches must be global arrays split over data x fsdp (`mesh.global_batch`); metrics come
+    back replicated."""
+    from retro_jax.train.mesh import batch_sharding, replicated
+
+    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule)
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    return _under_mesh(jitted, mesh)
+
+
+def make_sharded_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
+    """`evaluate(params, batch) -> metrics` (summable: loss is per batch, tokens counted)."""
+    from retro_jax.train.mesh import batch_sharding, replicated
+
+    fn = functools.partial(eval_step, cfg=cfg)
+    jitted = jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh)),
+                     out_shardings=replicated(mesh))
+    return _under_mesh(jitted, mesh)

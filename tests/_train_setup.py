@@ -1,0 +1,100 @@
+"""Shared setup of the sharded-training tests, and the worker of the multi-process test.
+
+A small RETRO (the `tiny` widths, 2 decoder layers, one CCA layer, a 1-layer encoder, 256-token
+vocabulary: every parameter kind, fast to compile), 3 fixed batches, and an AdamW whose
+trainable mask freezes the decoder (retrofitting: only encoder and CCA train), so every run
+also exercises the masked optimizer state.
+
+Run as a script it is one process of a multi-process run:
+    python tests/_train_setup.py COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES
+and prints one JSON line {"losses": [...], "param_norm": ...}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import numpy as np
+
+CFG_KW = dict(vocab_size=256, num_layers=2, cca_layers=(2,), enc_num_layers=1, enc_cross_layers=(1,))
+SEQ, BATCH, STEPS, MESH = 128, 8, 3, (2, 2, 2)
+
+
+def cfg():
+    from retro_jax.config import ModelConfig
+    return ModelConfig.from_preset("tiny").replace(**CFG_KW)
+
+
+def batches() -> list[dict[str, np.ndarray]]:
+    from retro_jax.quickstart import random_batch
+    return [random_batch(cfg(), BATCH, SEQ, seed=s) for s in range(STEPS)]
+
+
+def trainable_mask():
+    """True for the retrieval parameters (encoder, CCA), False for the baseline decoder."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from retro_jax.model import Retro
+    from retro_jax.model.count import is_retrieval_path
+    abstract = jax.eval_shape(lambda: Retro(cfg()).init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32)))
+    return jax.tree_util.tree_map_with_path(lambda p, _: is_retrieval_path(tuple(k.key for k in p)),
+                                            nn.unbox(abstract)["params"])
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer():
+    from retro_jax.train.step import make_optimizer, make_schedule
+    schedule = make_schedule(1e-3, warmup=1, total=10)
+    return make_optimizer(schedule, trainable_mask=trainable_mask()), schedule
+
+
+def param_norm(params) -> float:
+    import jax
+    import optax
+    return float(jax.jit(optax.tree.norm)(params))
+
+
+def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
+    """sharded_init + STEPS sharded train steps, each process feeding only its rows."""
+    import jax
+    from retro_jax.train import mesh as mesh_lib
+    from retro_jax.train.step import make_sharded_train_step
+
+    opt, schedule = optimizer()
+    mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
+    state, shardings = mesh_lib.sharded_init(cfg(), opt, mesh, jax.random.key(0), SEQ)
+    step = make_sharded_train_step(cfg(), opt, mesh, shardings, schedule)
+    init = jax.device_get(state.params) if jax.process_count() == 1 else None
+    rows = mesh_lib.local_batch_slice(BATCH, mesh)
+    losses = []
+    for b in batches():
+        state, metrics = step(state, mesh_lib.global_batch({k: v[rows] for k, v in b.items()}, mesh))
+        losses.append(float(metrics["loss"]))
+    return {"losses": losses, "param_norm": param_norm(state.params), "state": state,
+            "mesh": mesh, "step": step, "shardings": shardings, "init_params": init}
+
+
+@functools.lru_cache(maxsize=None)
+def run_8_devices() -> dict:
+    """The 1-process x 8-device run on MESH (shared by the test files of one session)."""
+    return run_sharded(MESH)
+
+
+def _worker(coordinator: str, num_processes: int, process_id: int, local_devices: int) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    jax.config.update("jax_num_cpu_devices", local_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from retro_jax.train.distributed import maybe_initialize
+    maybe_initialize(coordinator, num_processes, process_id)
+    assert jax.process_count() == num_processes and jax.device_count() == num_processes * local_devices
+    r = run_sharded(MESH)
+    print(json.dumps({"losses": r["losses"], "param_norm": r["param_norm"]}), flush=True)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

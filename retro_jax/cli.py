@@ -34,6 +34,26 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from retro_jax.config import apply_overrides, load_config
+    from retro_jax.train.loop import TrainingError, train
+
+    config = load_config(args.config)
+    flags = {"steps": args.steps, "checkpoint_every": args.checkpoint_every,
+             "log_every": args.log_every, "seed": args.seed}
+    overrides = [f"train.{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    config = apply_overrides(config, overrides)
+    try:
+        out = train(config, args.db, args.workdir, init_from=args.init_from, freeze_decoder=args.freeze_decoder,
+                    progress=not args.no_progress, coordinator=args.coordinator,
+                    num_processes=args.num_processes, process_id=args.process_id)
+    except TrainingError as e:
+        print(f"retro-jax train: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retro-jax", description="RETRO in JAX/Flax.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -48,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out", default="out/quickstart", help="folder for every artefact")
     qs.set_defaults(func=_quickstart)
 
+    tr = sub.add_parser("train", help="train (or resume) a RETRO or baseline model on a database",
+                        epilog="Any config field can be overridden: --config.train.lr_max=1e-3 "
+                               "--config.model.num_layers=6 --config.mesh.fsdp=2 (values keep their type).")
+    tr.add_argument("--config", required=True, help="preset name or config file under configs/")
+    tr.add_argument("--db", required=True, help="database folder made by build-db")
+    tr.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events; resumed if present")
+    tr.add_argument("--steps", type=int, help="total training steps (config: train.steps)")
+    tr.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (train.checkpoint_every)")
+    tr.add_argument("--log-every", type=int, help="steps between metric lines (train.log_every)")
+    tr.add_argument("--seed", type=int, help="init and data-order seed (train.seed)")
+    tr.add_argument("--init-from", metavar="BASELINE_WORKDIR", help="initialise the decoder from a trained baseline")
+    tr.add_argument("--freeze-decoder", action="store_true", help="with --init-from: train only encoder + CCA (retrofit)")
+    tr.add_argument("--coordinator", help="host:port of process 0 (multi-process; else from the cluster env)")
+    tr.add_argument("--num-processes", type=int, help="number of processes (multi-process)")
+    tr.add_argument("--process-id", type=int, help="this process's index (multi-process)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_train, overrides=[])
+
     from retro_jax.retrieval import commands as db_commands
 
     db_commands.register(sub)  # build-db, db-info, db-check
@@ -55,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not (args.verb == "train" and a.startswith("--config."))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.verb == "train":
+        args.overrides = extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

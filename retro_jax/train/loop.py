@@ -1,0 +1,173 @@
+"""The training loop: `retro-jax train` and `retro_jax.train.loop.train`.
+
+Top to bottom: distributed init -> config and database checks (before anything compiles) ->
+mesh -> optimizer -> sharded init -> resume (or retrofit init) -> loop (log, checkpoint,
+stop on divergence or SIGTERM) -> final checkpoint.
+
+Exact resume: the checkpoint holds params, optimizer state, step counters and the data
+iterator's state; the data order is a pure function of (seed, epoch) and the step is
+deterministic, so a run killed at any moment and restarted with the same command continues
+from its last complete checkpoint and reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from retro_jax.config import ModelConfig
+from retro_jax.model.count import flops_per_token
+from retro_jax.retrieval.database import Database
+from retro_jax.train import distributed, retrofit
+from retro_jax.train.checkpoint import Checkpointer
+from retro_jax.train.loader import TrainLoader, check_database, eval_batches
+from retro_jax.train.mesh import check_batch, global_batch, local_batch_slice, make_mesh, sharded_init
+from retro_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from retro_jax.train.step import make_optimizer, make_schedule, make_sharded_eval_step, make_sharded_train_step
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resume; everything else must match.
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                     "eval_every", "eval_batches"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (divergence, mismatched resume)."""
+
+
+def _check_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    now = config.to_dict()
+    diffs = []
+    for section in ("model", "train"):  # a different mesh is fine: restore reshards
+        for k in set(saved.get(section, {})) | set(now.get(section, {})):
+            if section == "train" and k in RESUMABLE_CHANGES:
+                continue
+            a, b = saved.get(section, {}).get(k), now.get(section, {}).get(k)
+            if a != b:
+                diffs.append(f"{section}.{k}: checkpoint has {a!r}, this run asks for {b!r}")
+    if diffs:
+        raise TrainingError("the workdir holds a run with other settings; use another --workdir or "
+                            "the same settings:\n  " + "\n  ".join(sorted(diffs)))
+
+
+def evaluate(params: Any, db: Database, cfg: ModelConfig, eval_fn, mesh, seq_len: int, batch_size: int,
+             retrieval: bool, max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted validation loss over (the first max_batches) validation batches."""
+    total = count = 0.0
+    it = eval_batches(db, "validation", seq_len, batch_size, cfg.num_neighbours, retrieval=retrieval)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        rows = local_batch_slice(batch_size, mesh)
+        m = jax.device_get(eval_fn(params, global_batch({k: v[rows] for k, v in batch.items()}, mesh)))
+        total += float(m["loss"]) * float(m["tokens"])
+        count += float(m["tokens"])
+    loss = total / max(count, 1.0)
+    return {"val_loss": loss, "val_bits_per_token": loss / np.log(2.0), "val_tokens": count}
+
+
+def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_from: str | None = None,
+          freeze_decoder: bool = False, progress: bool = True, coordinator: str | None = None,
+          num_processes: int | None = None, process_id: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+    # -- processes, config, database: every check before anything compiles ----------------
+    distributed.maybe_initialize(coordinator, num_processes, process_id)
+    cfg = ModelConfig.from_dict(dict(config.model))
+    tc = config.train
+    workdir_p = Path(workdir)
+    workdir_p.mkdir(parents=True, exist_ok=True)
+    db = Database.open(db_dir)
+    check_database(db, cfg)
+    retrieval = bool(tc.retrieval and cfg.is_retro)
+    if freeze_decoder and not init_from:
+        raise ValueError("--freeze-decoder needs --init-from BASELINE_WORKDIR (the decoder to freeze)")
+    mesh = make_mesh(**dict(config.mesh))
+    check_batch(tc.batch_size, mesh)
+    loader = TrainLoader(db, "train", tc.seq_len, tc.batch_size, cfg.num_neighbours, tc.seed,
+                         jax.process_index(), jax.process_count(), retrieval=retrieval,
+                         rows=local_batch_slice(tc.batch_size, mesh))
+
+    # -- optimizer and state ---------------------------------------------------------------
+    schedule = make_schedule(tc.lr_max, tc.warmup_steps, tc.steps, tc.lr_init, tc.lr_final_ratio)
+    abstract_params = retrofit.abstract_params(cfg, tc.seq_len)
+    mask = retrofit.trainable_mask(abstract_params) if freeze_decoder else None
+    optimizer = make_optimizer(schedule, tc.weight_decay, tc.clip_norm, tc.b1, tc.b2, trainable_mask=mask)
+    state, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(tc.seed), tc.seq_len)
+    ckpt = Checkpointer(workdir_p, max_to_keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        _check_resume(ckpt.restore_config(latest), config)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        state, data_state, _ = ckpt.restore(latest, abstract)
+        loader.restore(data_state)
+        log.info("resumed from step %d in %s", latest, workdir_p)
+        print(f"resuming from checkpoint {latest} in {workdir_p}", flush=True)
+    elif init_from:
+        state = retrofit.init_from_baseline(state, shardings.params, cfg, init_from)
+        print(f"decoder initialised from {init_from}" + (" and frozen" if freeze_decoder else ""), flush=True)
+    (workdir_p / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    step_fn = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule)
+    eval_fn = make_sharded_eval_step(cfg, mesh, shardings.params) if tc.eval_every else None
+
+    # -- the loop ----------------------------------------------------------------------------
+    start = int(jax.device_get(state.step))
+    lead = jax.process_index() == 0
+    writer = MetricsWriter(workdir_p, start, tc.steps, enabled=lead, progress=progress)
+    stop = {"signal": None}
+    handlers = {s: signal.signal(s, lambda sig, _f: stop.update(signal=sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    model_flops = flops_per_token(cfg, tc.seq_len, training=True) * tc.batch_size * tc.seq_len
+    peak = peak_flops_per_device() * jax.device_count()
+    last: dict[str, Any] = {}
+    window: list[dict[str, jax.Array]] = []
+    t_window = time.perf_counter()
+    saved = latest
+    try:
+        step = start
+        while step < tc.steps and stop["signal"] is None:
+            batch = global_batch(next(loader), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window.append(metrics)
+            writer.advance()
+            if step % tc.log_every == 0 or step == tc.steps:
+                host = jax.device_get(window)
+                dt = time.perf_counter() - t_window
+                last = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "bits_per_token", "grad_norm")}
+                last.update(lr=float(host[-1].get("learning_rate", np.nan)),
+                            skipped_steps=int(jax.device_get(state.skipped)),
+                            tokens_per_s=len(host) * tc.batch_size * tc.seq_len / dt,
+                            mfu=len(host) * model_flops / dt / peak)
+                if eval_fn is not None and step % tc.eval_every == 0:
+                    last.update(evaluate(state.params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size,
+                                         retrieval, tc.eval_batches))
+                writer.write(step, last)
+                window, t_window = [], time.perf_counter()
+            bad = int(jax.device_get(state.bad_in_a_row)) if tc.max_bad_steps else 0
+            if tc.max_bad_steps and bad >= tc.max_bad_steps:
+                raise TrainingError(
+                    f"{bad} steps in a row had a non-finite loss or gradient (step {step}); stopping. "
+                    f"The last checkpoint ({ckpt.latest_step()}) holds the last good state; lower "
+                    f"--config.train.lr_max or check the data.")
+            if ckpt.save(step, state, loader.state(), config.to_dict()):
+                saved = step
+        if saved != step:  # the final (or interrupted) step is always kept
+            ckpt.save(step, state, loader.state(), config.to_dict(), force=True)
+        if stop["signal"] is not None:
+            print(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, rerun to resume",
+                  flush=True)
+    finally:
+        ckpt.close()  # waits for async saves
+        writer.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return dict(last, step=step, workdir=str(workdir_p))

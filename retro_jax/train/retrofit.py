@@ -1,0 +1,86 @@
+"""Retrofitting (paper §4.2): start a RETRO model from a trained baseline's decoder, optionally
+frozen, and train only the retrieval weights (encoder and CCA).
+
+A RETRO parameter tree is its baseline's tree plus `encoder` and the CCA entries, so the
+baseline's params drop into place unchanged; with retrieval off the retrofitted model computes
+the baseline's logits exactly, and frozen weights get zero updates (bit-identical).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from retro_jax.config import ModelConfig
+from retro_jax.model.count import is_retrieval_path
+from retro_jax.model.retro import Retro
+from retro_jax.train.checkpoint import restore_params_only
+
+DECODER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff", "norm_eps",
+                  "max_wavelength")
+
+
+def _path(keypath) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in keypath)
+
+
+def abstract_params(cfg: ModelConfig, seq_len: int) -> Any:
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return nn.unbox(jax.eval_shape(lambda t: Retro(cfg).init(jax.random.key(0), t, None), tokens))["params"]
+
+
+def trainable_mask(params: Any) -> Any:
+    """True for the retrieval weights (encoder, CCA), False for the decoder."""
+    return jax.tree_util.tree_map_with_path(lambda kp, _: is_retrieval_path(_path(kp)), params)
+
+
+def split_decoder(params: Any, keep_retrieval: bool = False) -> dict:
+    """The nested dict of the decoder (baseline) leaves, or of the retrieval leaves."""
+    out: dict = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = _path(keypath)
+        if is_retrieval_path(path) == keep_retrieval:
+            node = out
+            for p in path[:-1]:
+                node = node.setdefault(p, {})
+            node[path[-1]] = leaf
+    return out
+
+
+def merge(params: Any, decoder: dict) -> Any:
+    """`params` with every decoder leaf replaced by the one in `decoder`."""
+    def pick(keypath, leaf):
+        path = _path(keypath)
+        if is_retrieval_path(path):
+            return leaf
+        node = decoder
+        for p in path:
+            node = node[p]
+        return node
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def check_baseline(cfg: ModelConfig, baseline_workdir: str | Path) -> None:
+    """The baseline run's decoder must have this model's decoder shape (clear error otherwise)."""
+    path = Path(baseline_workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from {baseline_workdir}: no config.json; is it a retro-jax workdir?")
+    base = json.loads(path.read_text())["model"]
+    diffs = [f"{k}: baseline {base.get(k)!r} vs this model {getattr(cfg, k)!r}"
+             for k in DECODER_FIELDS if base.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise ValueError("the baseline's decoder does not match this model's: " + "; ".join(diffs))
+
+
+def init_from_baseline(state: Any, param_shardings: Any, cfg: ModelConfig, baseline_workdir: str | Path) -> Any:
+    """`state` with its decoder params replaced by the baseline's latest checkpoint (resharded)."""
+    check_baseline(cfg, baseline_workdir)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state.params, param_shardings)
+    decoder = restore_params_only(baseline_workdir, split_decoder(target))
+    return state.replace(params=merge(state.params, decoder))

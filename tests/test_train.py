@@ -1,0 +1,152 @@
+"""End-to-end training on a tiny generated database: exact resume after SIGKILL, retrofitting,
+divergence handling, metrics files, and the clear errors raised before anything compiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from _db_helpers import shared
+from retro_jax.cli import main as cli_main
+from retro_jax.config import ModelConfig, apply_overrides, load_config
+from retro_jax.model.retro import Retro
+from retro_jax.train import retrofit
+from retro_jax.train.checkpoint import restore_params_only
+from retro_jax.train.loop import TrainingError, train
+
+# A small model over the test database (chunk 32, SentencePiece vocab 400).
+MODEL = ["model.vocab_size=512", "model.chunk_size=32", "model.d_model=64", "model.num_layers=2",
+         "model.cca_layers=(2,)", "model.num_heads=2", "model.d_ff=128", "model.enc_d_model=32",
+         "model.enc_num_heads=2", "model.enc_head_dim=16", "model.enc_d_ff=64", "model.enc_num_layers=1"]
+TRAIN = ["train.seq_len=128", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
+         "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+
+
+def config(*extra: str, preset: str = "tiny"):
+    baseline = ["model.cca_layers=()"] if preset.endswith("baseline") else []
+    return apply_overrides(load_config(preset), MODEL + baseline + TRAIN + list(extra))
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> str:
+    return str(shared(tmp_path_factory)["db"])
+
+
+def _params(workdir: Path, cfg_overrides=()) -> dict:
+    cfg = ModelConfig.from_dict(dict(config(*cfg_overrides).model))
+    return restore_params_only(workdir, retrofit.abstract_params(cfg, 128))
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _cli(db: str, workdir: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "retro_jax.cli", "train", "--config", "tiny", "--db", db,
+            "--workdir", str(workdir), "--steps", str(steps), "--checkpoint-every", "3", "--no-progress",
+            *[f"--config.{o}" for o in MODEL + TRAIN]]
+
+
+def test_sigkill_then_same_command_resumes_bit_for_bit(db, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    steps = 10
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_cli(db, ref, steps), env=env, check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(db, run, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill once step 5 is logged
+        m = run / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_losses(run)) < steps, "the run finished before it could be killed"
+    subprocess.run(_cli(db, run, steps), env=env, check=True, capture_output=True, timeout=300)
+
+    assert _losses(run) == _losses(ref)  # every logged loss, bitwise (JSON floats round-trip)
+    a, b = _params(ref), _params(run)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_off(db, tmp_path):
+    base_dir, retro_dir = tmp_path / "baseline", tmp_path / "retrofit"
+    train(config("train.steps=4", "train.lr_max=3e-3", preset="tiny-baseline"), db, str(base_dir), progress=False)
+    train(config("train.steps=4", "train.lr_max=3e-3"), db, str(retro_dir), init_from=str(base_dir),
+          freeze_decoder=True, progress=False)
+    retro_cfg = ModelConfig.from_dict(dict(config().model))
+    base_cfg = ModelConfig.from_dict(dict(config(preset="tiny-baseline").model))
+    base = restore_params_only(base_dir, retrofit.abstract_params(base_cfg, 128))
+    retro = restore_params_only(retro_dir, retrofit.abstract_params(retro_cfg, 128))
+    frozen = retrofit.split_decoder(retro)
+    assert jax.tree.structure(frozen) == jax.tree.structure(base)
+    for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit after training
+    init = retrofit.split_decoder(retrofit.abstract_params(retro_cfg, 128), keep_retrieval=True)
+    assert jax.tree.leaves(init), "the retrofitted model has retrieval weights"
+    tokens = np.random.default_rng(0).integers(0, 400, (2, 96), dtype=np.int32)
+    off = Retro(retro_cfg).apply({"params": retro}, tokens, None)
+    ref = Retro(base_cfg).apply({"params": base}, tokens, None)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(ref))
+
+
+def test_non_finite_steps_are_skipped_then_training_stops_without_a_bad_checkpoint(db, tmp_path, monkeypatch):
+    from retro_jax.train import loop
+
+    real_next = loop.TrainLoader.__next__
+    calls = {"n": 0}
+
+    def poisoned(self):
+        batch = real_next(self)
+        calls["n"] += 1
+        if calls["n"] > 3:  # from step 4 on, every loss is NaN
+            batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+        return batch
+
+    monkeypatch.setattr(loop.TrainLoader, "__next__", poisoned)
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        train(config("train.steps=20", "train.max_bad_steps=3", "train.checkpoint_every=3"), db,
+              str(tmp_path / "w"), progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 2, 3]
+    params = _params(tmp_path / "w")  # the newest checkpoint (step 3) is the last good state
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_metrics_jsonl_and_tensorboard_are_written(db, tmp_path):
+    out = train(config("train.steps=3", "train.eval_every=3", "train.eval_batches=2"), db,
+                str(tmp_path / "w"), progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "bits_per_token", "lr", "grad_norm", "skipped_steps", "tokens_per_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert "val_loss" in rows[-1] and out["step"] == 3
+    assert list((tmp_path / "w" / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.train.stepz=3"], "unknown config key"),
+    (["--config.mesh.data=3"], "devices"),
+    (["--config.train.batch_size=6"], "batch"),
+    (["--config.model.chunk_size=64", "--config.train.seq_len=128"], "chunk"),
+])
+def test_bad_input_is_a_clear_message_before_compiling(db, tmp_path, capsys, extra, message):
+    argv = ["train", "--config", "tiny", "--db", db, "--workdir", str(tmp_path / "w"),
+            *[f"--config.{o}" for o in MODEL + TRAIN], *extra]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -75,7 +75,8 @@ def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
         state, metrics = step(state, mesh_lib.global_batch({k: v[rows] for k, v in b.items()}, mesh))
         losses.append(float(metrics["loss"]))
     return {"losses": losses, "param_norm": param_norm(state.params), "state": state,
-            "mesh": mesh, "step": step, "shardings": shardings, "init_params": init}
+            "mesh": mesh, "step": step, "shardings": shardings, "init_params": init,
+            "rows": [rows.start, rows.stop]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +94,7 @@ def _worker(coordinator: str, num_processes: int, process_id: int, local_devices
     maybe_initialize(coordinator, num_processes, process_id)
     assert jax.process_count() == num_processes and jax.device_count() == num_processes * local_devices
     r = run_sharded(MESH)
-    print(json.dumps({"losses": r["losses"], "param_norm": r["param_norm"]}), flush=True)
+    print(json.dumps({k: r[k] for k in ("losses", "param_norm", "rows")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
 
 
 def make_sharded_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
-    """`evaluate(params, batch) -> metrics` (summable: loss is per batch, tokens counted)."""
+    """`evaluate(params, batch) -> metrics`: loss (mean over the batch's counted tokens), bits_per_token,
+    tokens; jitted with in/out shardings, metrics replicated."""
     from retro_jax.train.mesh import batch_sharding, replicated
 
     fn = functools.partial(eval_step, cfg=cfg)

@@ -30,7 +30,7 @@ def _info(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from retro_jax import quickstart
 
-    quickstart.run(args.out)
+    quickstart.run(args.out, steps=args.steps, max_chunks=args.max_chunks)
     return 0
 
 
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     qs = sub.add_parser("quickstart", help="the main job of `make quickstart`")
     qs.add_argument("--out", default="out/quickstart", help="folder for every artefact")
+    qs.add_argument("--steps", type=int, help="training steps per model (default 150)")
+    qs.add_argument("--max-chunks", type=int, help="database size in chunks (default 5000)")
     qs.set_defaults(func=_quickstart)
 
     tr = sub.add_parser("train", help="train (or resume) a RETRO or baseline model on a database",

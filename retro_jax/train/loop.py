@@ -171,3 +171,27 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
         for s, h in handlers.items():
             signal.signal(s, h)
     return dict(last, step=step, workdir=str(workdir_p))
+
+
+def evaluate_workdir(workdir: str, db_dir: str, max_batches: int | None = None) -> dict[str, Any]:
+    """Validation loss of the latest checkpoint in `workdir` over the whole validation split
+    (every validation sequence once); for a RETRO model also with retrieval off."""
+    from retro_jax.train.checkpoint import restore_params_only
+
+    config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    cfg, tc = ModelConfig.from_dict(dict(config.model)), config.train
+    db = Database.open(db_dir)
+    check_database(db, cfg)
+    mesh = make_mesh(**dict(config.mesh))
+    optimizer = make_optimizer(1.0)
+    _, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(0), tc.seq_len)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            retrofit.abstract_params(cfg, tc.seq_len), shardings.params)
+    params = restore_params_only(workdir, abstract)
+    eval_fn = make_sharded_eval_step(cfg, mesh, shardings.params)
+    out = evaluate(params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size, cfg.is_retro and tc.retrieval,
+                   max_batches)
+    if cfg.is_retro:
+        out["retrieval_off"] = evaluate(params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size, False,
+                                        max_batches)
+    return out

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from retro_jax.retrieval import commands as db_commands
 
     db_commands.register(sub)  # build-db, db-info, db-check
+
+    from retro_jax.eval import report as eval_report
+
+    eval_report.register(sub)  # eval
     return p
 
 

@@ -98,7 +98,18 @@ def run(out: str = "out/quickstart", steps: int | None = None, max_chunks: int |
     for label, r in rows:
         if r:
             print(f"| {label} | {r['val_loss']:.4f} | {r['val_bits_per_token']:.4f} | {int(r['val_tokens']):,} |")
-    summary = {"validation": {label: r for label, r in rows if r}, "timings_s": timings, "out": str(root)}
+    _banner("evaluation: bits-per-byte with retrieval on/off and the baseline, leakage-filtered (§2.6)")
+    from retro_jax.eval.report import markdown_table
+    from retro_jax.eval.run import evaluate
+
+    t0 = time.perf_counter()
+    report = evaluate(str(root / "retro"), str(root / "db"), baseline=str(root / "baseline"))
+    timings["eval_s"] = time.perf_counter() - t0
+    print(markdown_table(report))
+    print("plots: " + ", ".join(str(f) for f in report.get("files", {}).values()) if isinstance(
+        report.get("files"), dict) else f"plots and JSON: {report.get('files')}")
+    summary = {"validation": {label: r for label, r in rows if r}, "bpb": report["bpb"],
+               "timings_s": timings, "out": str(root)}
     (root / "quickstart.json").write_text(json.dumps(summary, indent=2))
     print(f"\nartefacts under {root}/: db/, retro/, baseline/ (checkpoints, metrics.jsonl, tb/), quickstart.json")
     return summary

@@ -114,7 +114,9 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     elif init_from:
         state = retrofit.init_from_baseline(state, shardings.params, cfg, init_from)
         print(f"decoder initialised from {init_from}" + (" and frozen" if freeze_decoder else ""), flush=True)
-    (workdir_p / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    # The database's tokenizer is recorded so that evaluation refuses a database built with another.
+    record = dict(config.to_dict(), data={"db": str(db_dir), "tokenizer_sha256": db.tokenizer_sha256})
+    (workdir_p / "config.json").write_text(json.dumps(record, indent=2))
 
     step_fn = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule)
     eval_fn = make_sharded_eval_step(cfg, mesh, shardings.params) if tc.eval_every else None

@@ -32,7 +32,7 @@ def run(db: str, config: str, steps: int, devices: int, overrides: list[str], lo
                "--workdir", work, "--steps", str(steps), "--log-every", str(log_every),
                "--checkpoint-every", str(10 * steps), "--no-progress",
                *[f"--config.{o}" for o in overrides]]
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd + ["--config.train.warmup_steps=2"], env=env, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(ln) for ln in (Path(work) / "metrics.jsonl").read_text().splitlines()][1:]
     return {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
             "mfu": float(np.median([r["mfu"] for r in rows])), "windows": len(rows)}

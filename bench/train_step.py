@@ -9,6 +9,10 @@ MFU is the median of the per-rep ratios.
 XLA's own FLOP count of the compiled step is printed too, as a cross-check of the analytic count.
 
     .venv/bin/python bench/train_step.py [--steps 5] [--configs tiny,mid] [--json]
+    .venv/bin/python bench/train_step.py --loop [--db out/quickstart/db]
+
+`--loop` measures the real sharded training loop instead (data pipeline included) on 1 and 8
+CPU devices: see bench/train_loop.py, which it runs.
 """
 
 from __future__ import annotations
@@ -92,7 +96,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--configs", default="tiny,mid,mid-baseline")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--loop", action="store_true", help="the real sharded loop on 1 and 8 devices")
+    args, rest = ap.parse_known_args()
+    if args.loop:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        script = Path(__file__).with_name("train_loop.py")
+        raise SystemExit(subprocess.call([sys.executable, str(script), *rest]))
     dev = jax.devices()[0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {dev.platform} ({dev.device_kind}), "
           f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}\n")

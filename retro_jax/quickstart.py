@@ -106,8 +106,8 @@ def run(out: str = "out/quickstart", steps: int | None = None, max_chunks: int |
     report = evaluate(str(root / "retro"), str(root / "db"), baseline=str(root / "baseline"))
     timings["eval_s"] = time.perf_counter() - t0
     print(markdown_table(report))
-    print("plots: " + ", ".join(str(f) for f in report.get("files", {}).values()) if isinstance(
-        report.get("files"), dict) else f"plots and JSON: {report.get('files')}")
+    files = report.get("files", [])
+    print("report and plots: " + ", ".join(map(str, files.values() if isinstance(files, dict) else files)))
     summary = {"validation": {label: r for label, r in rows if r}, "bpb": report["bpb"],
                "timings_s": timings, "out": str(root)}
     (root / "quickstart.json").write_text(json.dumps(summary, indent=2))

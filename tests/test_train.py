@@ -150,3 +150,22 @@ def test_bad_input_is_a_clear_message_before_compiling(db, tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_sigterm_writes_a_checkpoint_of_the_current_step_and_exits_cleanly(db, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    run = tmp_path / "w"
+    proc = subprocess.Popen(_cli(db, run, 1000), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        m = run / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by signal" in out
+    last = max(_losses(run))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == last  # the step it stopped at is checkpointed, not only the last interval one

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,10 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     lead = jax.process_index() == 0
     writer = MetricsWriter(workdir_p, start, tc.steps, enabled=lead, progress=progress)
     stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda sig, _f: stop.update(signal=sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        handlers = {s: signal.signal(s, lambda sig, _f: stop.update(signal=sig))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
     model_flops = flops_per_token(cfg, tc.seq_len, training=True) * tc.batch_size * tc.seq_len
     peak = peak_flops_per_device() * jax.device_count()
     last: dict[str, Any] = {}

@@ -108,15 +108,17 @@ def child(args: argparse.Namespace) -> None:
     for name in STAGES:
         setattr(build, name, timed(name, getattr(build, name)))
     t0 = time.perf_counter()
-    manifest = build.build_database(args.corpus or None, args.out, embedder=args.embedder, progress=False)
+    manifest = build.build_database(args.corpus or None, args.out, embedder=args.embedder, progress=False,
+                                    index_mode=args.index_mode)
     stop.set()
     print(json.dumps({"seconds": time.perf_counter() - t0, "stages": stages, "counts": manifest["counts"],
                       "corpus": manifest["corpus"], "peak_anon_mib": max(st["anon_peak_mib"] for st in stages),
                       "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def start_build(label: str, corpus: list[str], out: Path, bert: Path) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", "--out", str(out), "--embedder", str(bert), "--corpus", *corpus]
+def start_build(label: str, corpus: list[str], out: Path, bert: Path, index_mode: str) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", "--out", str(out), "--embedder", str(bert),
+           "--index-mode", index_mode, "--corpus", *corpus]
     print(f"[{label}] {' '.join(cmd)}", flush=True)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/retro-dbmem"), help="corpus, BERT and databases go here")
     p.add_argument("--scale", type=float, default=4.0, help="size of the larger corpus, in stdlib corpora")
     p.add_argument("--parallel", action="store_true", help="run both builds at once (faster; times not comparable)")
+    p.add_argument("--index-mode", default="auto", choices=("auto", "exact", "scann"),
+                   help="exact: memory-mapped brute force, to separate the pipeline's memory from ScaNN's "
+                        "in-RAM index (default auto)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--embedder", help=argparse.SUPPRESS)
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     base_bytes = sum(len(t.encode("utf-8")) for _, t in documents(include_site_packages=False))
     big = args.work / f"python-x{args.scale:g}.jsonl"
     info = write_jsonl(big, int(args.scale * base_bytes))
+    print(f"index   : {args.index_mode}")
     print("embedder: SMALL RANDOM BERT (hidden 64, 2 layers) + the real MiniLM WordPiece tokenizer; this measures "
           "the pipeline's memory, the embedder's own footprint is a constant")
     print(f"corpora : stdlib default ({base_bytes / 1e6:.1f} MB); {big} ({info['bytes'] / 1e6:.1f} MB, "
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = (("1x", [], base_bytes / 1e6), (f"{args.scale:g}x", [str(big)], info["bytes"] / 1e6))
     procs = []
     for label, corpus, _ in runs:  # --parallel: both at once (peaks are per process; times then share the CPU)
-        procs.append(start_build(label, corpus, args.work / "db" / label, bert))
+        procs.append(start_build(label, corpus, args.work / "db" / label, bert, args.index_mode))
         if not args.parallel:
             procs[-1] = finish_build(label, procs[-1])
     rows = []

@@ -36,7 +36,7 @@ def write_small_bert(root: Path, hidden: int = 64, layers: int = 2, seed: int = 
     """Random BERT weights (config.json, model.safetensors) + the real MiniLM tokenizer.json."""
     from safetensors.numpy import save_file
 
-    from retro_jax.retrieval.bert import default_model_dir
+    from retro_jax.retrieval.bert import default_model_dir, random_hf_weights
 
     root.mkdir(parents=True, exist_ok=True)
     src = default_model_dir()
@@ -47,19 +47,7 @@ def write_small_bert(root: Path, hidden: int = 64, layers: int = 2, seed: int = 
                intermediate_size=f, hidden_act="gelu", layer_norm_eps=1e-12, max_position_embeddings=n_pos,
                type_vocab_size=2, model_type="bert")
     (root / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)  # noqa: E731
-    t = {"embeddings.word_embeddings.weight": r(vocab, d), "embeddings.position_embeddings.weight": r(n_pos, d),
-         "embeddings.token_type_embeddings.weight": r(2, d),
-         "embeddings.LayerNorm.weight": 1 + r(d), "embeddings.LayerNorm.bias": r(d)}
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = r(d, d), r(d)
-        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = r(f, d), r(f)
-        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = r(d, f), r(d)
-        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = 1 + r(d), r(d)
+    t = random_hf_weights(cfg, np.random.default_rng(seed))
     save_file(t, str(root / "model.safetensors"))
     return root
 

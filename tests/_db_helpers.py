@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from retro_jax.data.split import is_validation
+from retro_jax.retrieval.bert import random_hf_weights
 
 SEED, VAL_FRACTION = 0, 0.2
 WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprst" for b in "aeiou" for c in "nrstl"][:240]
@@ -57,20 +58,7 @@ def write_tiny_bert(root: Path, seed: int = 0) -> Path:
                intermediate_size=f, hidden_act="gelu", layer_norm_eps=1e-12,
                max_position_embeddings=n_pos, type_vocab_size=2, model_type="bert")
     (root / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)  # noqa: E731
-    t = {"embeddings.word_embeddings.weight": r(len(vocab), d),
-         "embeddings.position_embeddings.weight": r(n_pos, d),
-         "embeddings.token_type_embeddings.weight": r(2, d),
-         "embeddings.LayerNorm.weight": 1 + r(d), "embeddings.LayerNorm.bias": r(d)}
-    for i in range(2):
-        p = f"encoder.layer.{i}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = r(d, d), r(d)
-        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = r(f, d), r(f)
-        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = r(d, f), r(d)
-        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = 1 + r(d), r(d)
+    t = random_hf_weights(cfg, np.random.default_rng(seed))
     save_file(t, str(root / "model.safetensors"))
     return root
 

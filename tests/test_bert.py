@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from retro_jax.retrieval.bert import BertCheckpointError, Embedder
+from retro_jax.retrieval.bert import BertCheckpointError, Embedder, random_hf_weights
 
 REFERENCE = Path(__file__).parent / "data" / "bert_reference.json"
 TINY = dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -33,23 +33,11 @@ TEXTS = ["the cat sat on the mat", "def f(x): return x", "a", "",
 
 
 def _hf_tensors(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random HF-named BertModel weights (torch Linear layout [out, in])."""
-    d, f = cfg["hidden_size"], cfg["intermediate_size"]
-    r = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)  # noqa: E731
-    t = {"embeddings.word_embeddings.weight": r(cfg["vocab_size"], d),
-         "embeddings.position_embeddings.weight": r(cfg["max_position_embeddings"], d),
-         "embeddings.token_type_embeddings.weight": r(cfg["type_vocab_size"], d),
-         "embeddings.LayerNorm.weight": 1 + r(d), "embeddings.LayerNorm.bias": r(d)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"encoder.layer.{i}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = r(d, d), r(d)
-        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = r(f, d), r(f)
-        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = r(d, f), r(d)
-        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[p + n + ".weight"], t[p + n + ".bias"] = 1 + r(d), r(d)
-    t["pooler.dense.weight"], t["pooler.dense.bias"] = r(d, d), r(d)  # unused head: ignored
+    """Random HF-named BertModel weights (torch Linear layout [out, in]) plus an unused head."""
+    t = random_hf_weights(cfg, rng)
+    d = cfg["hidden_size"]
+    t["pooler.dense.weight"] = rng.normal(0, 0.3, (d, d)).astype(np.float32)  # unused head: ignored
+    t["pooler.dense.bias"] = rng.normal(0, 0.3, (d,)).astype(np.float32)
     return t
 
 

@@ -43,16 +43,22 @@ def validation_paths(paths: list[Path]) -> list[Path]:
     return [p for p in paths if is_validation(str(p), SEED, VAL_FRACTION)]
 
 
-def write_tiny_bert(root: Path, seed: int = 0) -> Path:
-    """A random 2-layer BERT (config.json, model.safetensors, WordPiece tokenizer.json) over WORDS."""
+def write_wordpiece_tokenizer(root: Path, words) -> dict[str, int]:
+    """A BERT-style WordPiece tokenizer.json over `words` (plus the special tokens); its vocab."""
     root.mkdir(parents=True, exist_ok=True)
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tok.save(str(root / "tokenizer.json"))
+    return vocab
+
+
+def write_tiny_bert(root: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT (config.json, model.safetensors, WordPiece tokenizer.json) over WORDS."""
+    vocab = write_wordpiece_tokenizer(root, WORDS)
     d, f, n_pos = 32, 48, 128
     cfg = dict(vocab_size=len(vocab), hidden_size=d, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=f, hidden_act="gelu", layer_norm_eps=1e-12,

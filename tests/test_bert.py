@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from _db_helpers import write_wordpiece_tokenizer
 
 from retro_jax.retrieval.bert import BertCheckpointError, Embedder, random_hf_weights
 
@@ -43,14 +43,7 @@ def _hf_tensors(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def write_tiny_bert(root: Path, seed: int = 0, prefix: str = "bert.") -> dict[str, np.ndarray]:
     """Write config.json, model.safetensors and tokenizer.json of a random tiny BERT."""
-    root.mkdir(parents=True, exist_ok=True)
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.save(str(root / "tokenizer.json"))
+    vocab = write_wordpiece_tokenizer(root, WORDS)
     cfg = dict(TINY, vocab_size=len(vocab))
     (root / "config.json").write_text(json.dumps(cfg))
     tensors = _hf_tensors(cfg, np.random.default_rng(seed))

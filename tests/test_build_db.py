@@ -11,7 +11,8 @@ import pytest
 from _db_helpers import BUILD, npy_files, shared, validation_paths, write_corpus, write_tiny_bert
 
 from retro_jax.data.corpus import CorpusError
-from retro_jax.retrieval.build import BuildError, EmbeddingInterrupted, build_database
+from retro_jax.retrieval import build as build_mod
+from retro_jax.retrieval.build import BuildError, build_database
 from retro_jax.retrieval.database import Database
 
 
@@ -56,11 +57,33 @@ def test_neighbours_exclude_own_document_and_match_exact_search(base):
         assert np.all(got <= kth[:, None] * (1 + 1e-5) + 1e-6)  # the 10 nearest other-document chunks
 
 
-def test_interrupted_embedding_resumes_to_byte_identical_arrays(base, tmp_path):
+class Crash(RuntimeError):
+    """A simulated crash between two embedding blocks."""
+
+
+def test_interrupted_embedding_resumes_to_byte_identical_arrays(base, tmp_path, monkeypatch):
     out = tmp_path / "db"
     kw = dict(BUILD, embedder=str(base["bert"]))
-    with pytest.raises(EmbeddingInterrupted):
-        build_database([str(base["corpus_dir"])], str(out), stop_after_embed_blocks=3, **kw)
+    real_load = build_mod.load_embedder
+
+    class CrashesAfter3Blocks:
+        """The real embedder, dying before its 4th block (one embed call per block)."""
+
+        def __init__(self, embedder):
+            self.embedder, self.calls = embedder, 0
+
+        def __getattr__(self, name):
+            return getattr(self.embedder, name)
+
+        def embed(self, texts):
+            if self.calls == 3:
+                raise Crash("simulated crash before embedding block 4")
+            self.calls += 1
+            return self.embedder.embed(texts)
+
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(build_mod, "load_embedder", lambda *a: CrashesAfter3Blocks(real_load(*a)))
+        build_database([str(base["corpus_dir"])], str(out), **kw)
     side = json.loads((out / "slices/w0-of-1/train/embeddings.progress.json").read_text())
     assert side["blocks_done"] == 3 and not (out / "manifest.json").exists()
     with pytest.raises(Exception, match="not a complete"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from retro_jax.retrieval.index import IndexConfig, ShardedIndex, scann_available
+from retro_jax.retrieval import neighbours as neighbours_mod
 from retro_jax.retrieval.neighbours import (
     NeighboursIncompleteError,
     NeighboursInputError,
-    NeighboursInterrupted,
     NeighboursResumeError,
     compute_neighbours,
     distances_path,
@@ -81,7 +81,24 @@ def test_fills_minus_one_when_too_few_other_document_chunks(tmp_path):
         assert np.all(np.diff(dists[row, :n_ok]) >= 0)
 
 
-def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
+class Crash(RuntimeError):
+    """A simulated crash between two blocks."""
+
+
+def crash_after(monkeypatch, blocks: int) -> None:
+    """The next compute_neighbours dies (Crash) after writing `blocks` blocks."""
+    real, seen = neighbours_mod.neighbours_for_block, []
+
+    def block(*args, **kwargs):
+        if len(seen) == blocks:
+            raise Crash(f"simulated crash after {blocks} block(s)")
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neighbours_mod, "neighbours_for_block", block)
+
+
+def test_resume_after_interruption_is_byte_identical(corpus, tmp_path, monkeypatch):
     emb, doc, idx = corpus
     q, qdoc = emb[::3], doc[::3]  # queries need not be the database rows
     calls = []
@@ -99,8 +116,9 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
     full = tmp_path / "full.npy"
     compute_neighbours(idx, q, qdoc, doc, 4, full, **kw)
     part = tmp_path / "part.npy"
-    with pytest.raises(NeighboursInterrupted):
-        compute_neighbours(Spy(), q, qdoc, doc, 4, part, stop_after_blocks=2, **kw)
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        crash_after(m, 2)
+        compute_neighbours(Spy(), q, qdoc, doc, 4, part, **kw)
     with pytest.raises(NeighboursIncompleteError):
         load_neighbours(part)
     calls.clear()
@@ -113,11 +131,12 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
     assert calls == []
 
 
-def test_resume_with_other_settings_is_refused(corpus, tmp_path):
+def test_resume_with_other_settings_is_refused(corpus, tmp_path, monkeypatch):
     emb, doc, idx = corpus
     out = tmp_path / "nb.npy"
-    with pytest.raises(NeighboursInterrupted):
-        compute_neighbours(idx, emb, doc, doc, 4, out, batch_size=100, progress=False, stop_after_blocks=1)
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        crash_after(m, 1)
+        compute_neighbours(idx, emb, doc, doc, 4, out, batch_size=100, progress=False)
     with pytest.raises(NeighboursResumeError, match="settings"):
         compute_neighbours(idx, emb, doc, doc, 4, out, batch_size=50, progress=False)
     progress_path(out).unlink()

@@ -50,10 +50,10 @@ from retro_jax.retrieval.combine import combine_slices, take_lock
 from retro_jax.retrieval.index import IndexConfig, ShardedIndex
 from retro_jax.retrieval.neighbours import compute_neighbours, distances_path, progress_path
 from retro_jax.retrieval.slice_stages import EMBED_BLOCK, chunks_stage, embed_stage, load_embedder, tokenizer_stage
-from retro_jax.retrieval.stages import (BuildError, EmbeddingInterrupted, Stage, diff_settings, read_json,
+from retro_jax.retrieval.stages import (BuildError, Stage, diff_settings, read_json,
                                         slice_dir, write_json)
 
-__all__ = ["BuildError", "EmbeddingInterrupted", "build_database", "load_embedder"]
+__all__ = ["BuildError", "build_database", "load_embedder"]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def build_database(
     embed_batch_size: int = 64, max_length: int = 128, shards: int = 1, index_mode: str = "auto",
     neighbours_stored: int = 10, max_documents: int | None = None, max_chunks: int | None = None,
     worker: int = 0, num_workers: int = 1, combine: bool = False, overwrite: bool = False,
-    progress: bool = True, embed_block: int = EMBED_BLOCK, stop_after_embed_blocks: int | None = None,
+    progress: bool = True, embed_block: int = EMBED_BLOCK,
 ) -> dict[str, Any] | None:
     """Build (or resume) the retrieval database in `out`; returns its manifest.
 
@@ -197,7 +197,7 @@ def build_database(
             return _combine_and_finish(root, s, combine, overwrite, progress)
         sdir = slice_dir(root, worker, num_workers)
         chunks = chunks_stage(sdir, s, tok, worker, overwrite, progress)
-        embed_stage(sdir, chunks, tok, emb, embedder, embed_block, overwrite, progress, stop_after_embed_blocks)
+        embed_stage(sdir, chunks, tok, emb, embedder, embed_block, overwrite, progress)
         log.info("slice %d of %d complete in %s", worker, num_workers, sdir)
     return _combine_and_finish(root, s, combine, overwrite, progress)
 

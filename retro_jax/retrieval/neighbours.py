@@ -41,10 +41,6 @@ class NeighboursResumeError(ValueError):
     """Existing output in ``out_path`` was made with different settings or is foreign."""
 
 
-class NeighboursInterrupted(RuntimeError):
-    """Raised on purpose by ``stop_after_blocks`` (used to test resumption)."""
-
-
 class NeighboursIncompleteError(FileNotFoundError):
     """The neighbour files are missing or their computation has not finished."""
 
@@ -171,7 +167,6 @@ def compute_neighbours(
     batch_size: int = 4096,
     margin: int | None = None,
     progress: bool = True,
-    stop_after_blocks: int | None = None,
 ) -> np.ndarray:
     """Write the k nearest other-document neighbours of every query to ``out_path``.
 
@@ -185,8 +180,6 @@ def compute_neighbours(
         and progress to ``X.progress.json``.
       batch_size: queries per block (the unit of resumption; must match on resume).
       margin: extra candidates fetched up front (default ``2 k + 16``).
-      stop_after_blocks: raise ``NeighboursInterrupted`` after this many blocks
-        (simulates a crash; the output stays resumable).
 
     Returns the ids as a read-only int64 memmap [Q, k] (-1 where fewer than k
     other-document chunks exist).
@@ -211,9 +204,6 @@ def compute_neighbours(
     bar = tqdm(total=nq, initial=min(done * batch_size, nq), desc="neighbours", unit="query", disable=not progress)
     qdoc_all = query_doc_ids
     for b in range(done, num_blocks):
-        if stop_after_blocks is not None and b - done >= stop_after_blocks:
-            bar.close()
-            raise NeighboursInterrupted(f"stopped on request after {stop_after_blocks} block(s) at block {b}")
         b0, b1 = b * batch_size, min((b + 1) * batch_size, nq)
         q_BxD = np.asarray(query_embeddings[b0:b1], dtype=np.float32)
         qdoc_B = np.asarray(qdoc_all[b0:b1], dtype=np.int64)

@@ -22,7 +22,7 @@ from retro_jax.data.dedup import NearDuplicateFilter
 from retro_jax.data.split import is_validation
 from retro_jax.data.tokenizer import Tokenizer, train_tokenizer
 from retro_jax.retrieval import database as dbl
-from retro_jax.retrieval.stages import BuildError, EmbeddingInterrupted, Stage, read_json, write_json
+from retro_jax.retrieval.stages import BuildError, Stage, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
 
 
 def _embed_split(store: ChunkStore, tok: Tokenizer, embedder: Any, out: Path, settings: dict[str, Any],
-                 block: int, progress: bool, budget: list[int | None]) -> None:
+                 block: int, progress: bool) -> None:
     """Fill `out` (float32 [C, D]) block by block; resumable via `out`.progress.json."""
     side = out.with_suffix(".progress.json")
     n, dim = store.num_chunks, embedder.dim
@@ -156,23 +156,18 @@ def _embed_split(store: ChunkStore, tok: Tokenizer, embedder: Any, out: Path, se
     bar = tqdm(total=n, initial=min(n, state["blocks_done"] * block), desc=f"embed {out.parent.name}",
                unit="chunk", disable=not progress)
     for b in range(state["blocks_done"], num_blocks):
-        if budget[0] is not None and budget[0] <= 0:
-            bar.close()
-            raise EmbeddingInterrupted(f"stopped on request before block {b} of {out}")
         b0, b1 = b * block, min(n, (b + 1) * block)
         emb[b0:b1] = embedder.embed([tok.decode(store.chunk_tokens(i)) for i in range(b0, b1)])
         emb.flush()
         state["blocks_done"] = b + 1
         write_json(side, state)
         bar.update(b1 - b0)
-        if budget[0] is not None:
-            budget[0] -= 1
     bar.close()
     log.info("wrote embeddings float32 [%d, %d] to %s", n, dim, out)
 
 
 def embed_stage(sdir: Path, chunks: dict[str, Any], tok: Tokenizer, embedder: Any, path: str | None,
-                 block: int, overwrite: bool, progress: bool, stop_after: int | None) -> dict[str, Any]:
+                 block: int, overwrite: bool, progress: bool) -> dict[str, Any]:
     settings = {"embedder": embedder.name, "max_length": embedder.max_length,
                 "batch_size": embedder.batch_size, "block": block,
                 "tokens_sha256": {split: chunks[split]["tokens_sha256"] for split in dbl.SPLITS}}
@@ -182,10 +177,9 @@ def embed_stage(sdir: Path, chunks: dict[str, Any], tok: Tokenizer, embedder: An
     done = stage.start(settings)
     if done is not None:
         return done
-    budget = [stop_after]
     for split in dbl.SPLITS:
         store = ChunkStore.open(str(dbl.chunks_dir(sdir, split)))
         split_settings = {**settings, "split": split}
-        _embed_split(store, tok, embedder, dbl.embeddings_path(sdir, split), split_settings, block, progress, budget)
+        _embed_split(store, tok, embedder, dbl.embeddings_path(sdir, split), split_settings, block, progress)
     return stage.finish({"dim": embedder.dim, "name": embedder.name,
                          "path": None if path is None else os.path.abspath(path)})

@@ -22,10 +22,6 @@ class BuildError(ValueError):
     """Bad build input, or an output folder holding a different database."""
 
 
-class EmbeddingInterrupted(RuntimeError):
-    """Raised on purpose by `stop_after_embed_blocks` (simulates a kill; the build resumes)."""
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 

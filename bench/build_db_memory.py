@@ -36,7 +36,9 @@ def write_small_bert(root: Path, hidden: int = 64, layers: int = 2, seed: int = 
     """Random BERT weights (config.json, model.safetensors) + the real MiniLM tokenizer.json."""
     from safetensors.numpy import save_file
 
-    from retro_jax.retrieval.bert import default_model_dir, random_hf_weights
+    from retro_jax.retrieval.bert import default_model_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from _stand_ins import random_hf_weights
 
     root.mkdir(parents=True, exist_ok=True)
     src = default_model_dir()

@@ -19,7 +19,8 @@ import numpy as np
 from retro_jax.config import ModelConfig
 from retro_jax.model import init_params
 from retro_jax.model.retro import Retro
-from retro_jax.train.step import TrainState, make_optimizer, train_step
+from retro_jax.runtime.state import TrainState
+from retro_jax.train.step import make_optimizer, train_step
 
 
 def copy_batch(rng: np.random.Generator, cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -40,7 +41,7 @@ def main() -> None:
     b, n, m = 8, 256, cfg.chunk_size
     rng = np.random.default_rng(0)
     opt = make_optimizer(3e-3)
-    state = TrainState.create(init_params(cfg, jax.random.key(0), n), opt)
+    state = TrainState.create(init_params(cfg, jax.random.key(0)), opt)
     step = jax.jit(lambda s, x: train_step(s, x, cfg=cfg, optimizer=opt))
     for i in range(args.steps + 1):
         state, metrics = step(state, {k: jnp.asarray(v) for k, v in copy_batch(rng, cfg, b, n).items()})

@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +32,11 @@ import numpy as np
 from retro_jax.config import ModelConfig
 from retro_jax.model import init_params
 from retro_jax.model.count import flops_per_token
-from retro_jax.quickstart import random_batch
-from retro_jax.train.step import TrainState, make_optimizer, train_step
+from retro_jax.runtime.state import TrainState
+from retro_jax.train.step import make_optimizer, train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _stand_ins import random_batch  # noqa: E402
 
 # A mid-sized RETRO: matmuls big enough to approach the CPU's matmul ceiling, small enough to
 # step in seconds on 2 cores. Same structure as the paper's models (CCA every 2nd layer here).
@@ -60,7 +65,7 @@ def matmul_probe(n: int = 3072):
 
 def bench_config(name: str, steps: int) -> dict:
     cfg, batch, seq = SHAPES[name]
-    params = init_params(cfg, jax.random.key(0), seq)
+    params = init_params(cfg, jax.random.key(0))
     opt = make_optimizer(2e-4)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
     data = {k: jnp.asarray(v) for k, v in random_batch(cfg, batch, seq).items()}

@@ -1,7 +1,7 @@
-"""The `baseline-1.3b` preset (see retro_jax/config.py). `retro-jax info --config baseline-1.3b`."""
+"""baseline-1.3b: the retro-1.5b decoder without retrieval (Table 2's baseline column)."""
 
-from retro_jax.config import experiment_config
+from retro_jax.config import baseline_of, load_config
 
 
 def get_config():
-    return experiment_config("baseline-1.3b")
+    return baseline_of(load_config("retro-1.5b"), "baseline-1.3b")

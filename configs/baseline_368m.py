@@ -1,7 +1,7 @@
-"""The `baseline-368m` preset (see retro_jax/config.py). `retro-jax info --config baseline-368m`."""
+"""baseline-368m: the retro-425m decoder without retrieval (Table 2's baseline column)."""
 
-from retro_jax.config import experiment_config
+from retro_jax.config import baseline_of, load_config
 
 
 def get_config():
-    return experiment_config("baseline-368m")
+    return baseline_of(load_config("retro-425m"), "baseline-368m")

@@ -1,7 +1,7 @@
-"""The `baseline-7b` preset (see retro_jax/config.py). `retro-jax info --config baseline-7b`."""
+"""baseline-7b: the retro-7.5b decoder without retrieval (Table 2's baseline column)."""
 
-from retro_jax.config import experiment_config
+from retro_jax.config import baseline_of, load_config
 
 
 def get_config():
-    return experiment_config("baseline-7b")
+    return baseline_of(load_config("retro-7.5b"), "baseline-7b")

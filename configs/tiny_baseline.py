@@ -1,7 +1,7 @@
-"""The `tiny-baseline` preset (see retro_jax/config.py). `retro-jax info --config tiny-baseline`."""
+"""tiny-baseline: the tiny decoder without retrieval (no CCA layers, no encoder)."""
 
-from retro_jax.config import experiment_config
+from retro_jax.config import baseline_of, load_config
 
 
 def get_config():
-    return experiment_config("tiny-baseline")
+    return baseline_of(load_config("tiny"), "tiny-baseline")

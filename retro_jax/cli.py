@@ -30,23 +30,25 @@ def _info(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from retro_jax import quickstart
 
-    quickstart.run(args.out, steps=args.steps, max_chunks=args.max_chunks)
+    quickstart.run(args.out, steps=args.steps, max_chunks=args.max_chunks, val_fraction=args.val_fraction)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from retro_jax.config import apply_overrides, load_config
+    from retro_jax.config import load_config
+    from retro_jax.eval.run import make_validator
+    from retro_jax.retrieval.database import Database
     from retro_jax.train.loop import TrainingError, train
 
-    config = load_config(args.config)
     flags = {"steps": args.steps, "checkpoint_every": args.checkpoint_every,
              "log_every": args.log_every, "seed": args.seed}
-    overrides = [f"train.{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-    config = apply_overrides(config, overrides)
+    config = load_config(args.config, [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+                         + args.overrides)
+    validate = make_validator(config, Database.open(args.db)) if config.train.eval_every else None
     try:
         out = train(config, args.db, args.workdir, init_from=args.init_from, freeze_decoder=args.freeze_decoder,
                     progress=not args.no_progress, coordinator=args.coordinator,
-                    num_processes=args.num_processes, process_id=args.process_id)
+                    num_processes=args.num_processes, process_id=args.process_id, validate=validate)
     except TrainingError as e:
         print(f"retro-jax train: {e}", file=sys.stderr)
         return 1
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     info = sub.add_parser("info", help="parameter counts and training FLOPs of a config")
-    info.add_argument("--config", required=True, help="preset name or config file under configs/")
+    info.add_argument("--config", required=True, help="preset name, config file (configs/x.py) or workdir")
     info.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs (default 2048)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info)
@@ -67,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="the main job of `make quickstart`")
     qs.add_argument("--out", default="out/quickstart", help="folder for every artefact")
     qs.add_argument("--steps", type=int, help="training steps per model (default 150)")
-    qs.add_argument("--max-chunks", type=int, help="database size in chunks (default 5000)")
+    qs.add_argument("--max-chunks", type=int, help="database size in training chunks (default 5000)")
+    qs.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default 0.1)")
     qs.set_defaults(func=_quickstart)
 
     tr = sub.add_parser("train", help="train (or resume) a RETRO or baseline model on a database",
                         epilog="Any config field can be overridden: --config.train.lr_max=1e-3 "
                                "--config.model.num_layers=6 --config.mesh.fsdp=2 (values keep their type).")
-    tr.add_argument("--config", required=True, help="preset name or config file under configs/")
+    tr.add_argument("--config", required=True,
+                    help="preset name (tiny, retro-172m, ...), a config file (configs/x.py[:arg]) or a workdir")
     tr.add_argument("--db", required=True, help="database folder made by build-db")
     tr.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events; resumed if present")
     tr.add_argument("--steps", type=int, help="total training steps (config: train.steps)")
@@ -92,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db_commands.register(sub)  # build-db, db-info, db-check
 
-    from retro_jax.eval import report as eval_report
+    from retro_jax.eval import run as eval_run
 
-    eval_report.register(sub)  # eval
+    eval_run.register(sub)  # eval
     return p
 
 
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing files, unreadable checkpoints: one line
         print(f"retro-jax {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

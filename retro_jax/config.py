@@ -1,20 +1,35 @@
-"""Model configuration and the paper's presets (RETRO Table 2), plus a CPU-sized `tiny`.
+"""The one config: the model's schema (`ModelConfig`) and the experiment config around it.
 
-A baseline is the same decoder with no CCA layers (and therefore no encoder).
-Experiment configs under `configs/` are Python files exposing `get_config()` that return
-an `ml_collections.ConfigDict` whose `model` entry holds the `ModelConfig` fields.
+An experiment config is a locked `ml_collections.ConfigDict` with five sections, the schema and
+defaults of which are `default_config()` (the paper's §C.1 settings):
+
+  model  the `ModelConfig` fields      train  optimisation, data order, checkpoints
+  mesh   data x fsdp x tensor sizes    eval   bits-per-byte windows
+  data   the database a run trained on (filled in by `train`)
+
+Presets are data: each file under `configs/` says what its preset is (`configs/tiny.py` holds
+tiny's values) through `get_config()`, big_vision style, starting from `default_config()`.
+`load_config(source, overrides)` reads a preset name, a config file or a training workdir, then
+applies `--config.a.b=v` overrides through ml_collections' own flag machinery (types kept,
+unknown keys refused) and validates. A workdir holds the config as one JSON file,
+`config.json`, written by `write_workdir_config` and read by `read_workdir_config` only.
+`model_config(config)` is the one conversion to the frozen `ModelConfig` the model takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import ml_collections
 
 PAPER_VOCAB = 128_000
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+WORKDIR_CONFIG = "config.json"
 
 
 def default_cca_layers(num_layers: int) -> tuple[int, ...]:
@@ -92,14 +107,10 @@ class ModelConfig:
 
     def baseline(self) -> "ModelConfig":
         """The same decoder without retrieval (no CCA, hence no encoder parameters)."""
-        name = PAPER_BASELINE_OF.get(self.name, f"{self.name}-baseline")
-        return self.replace(name=name, cca_layers=())
+        return self.replace(name=f"{self.name}-baseline", cca_layers=())
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["cca_layers"] = list(self.cca_layers)
-        d["enc_cross_layers"] = list(self.enc_cross_layers)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -111,139 +122,155 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return PRESETS[name]
+        return model_config(load_config(name))
 
 
-def _paper(name: str, d: int, d_ff: int, heads: int, head_dim: int, layers: int) -> ModelConfig:
-    return ModelConfig(name=name, vocab_size=PAPER_VOCAB, d_model=d, num_layers=layers,
-                       num_heads=heads, head_dim=head_dim, d_ff=d_ff,
-                       cca_layers=default_cca_layers(layers))
+# -- the experiment config ------------------------------------------------------------------
 
-
-_RETRO = [
-    _paper("retro-172m", 896, 3584, 16, 64, 12),
-    _paper("retro-425m", 1536, 6144, 12, 128, 12),
-    _paper("retro-1.5b", 2048, 8192, 16, 128, 24),
-    _paper("retro-7.5b", 4096, 16384, 32, 128, 32),
-]
-PAPER_BASELINE_OF = {"retro-172m": "baseline-132m", "retro-425m": "baseline-368m",
-                     "retro-1.5b": "baseline-1.3b", "retro-7.5b": "baseline-7b", "tiny": "tiny-baseline"}
-
-# A CPU-sized model: a train step on 2 cores takes well under a second. Chunk size stays the
-# paper's 64 so every chunk/neighbour code path is the real one.
-TINY = ModelConfig(
-    name="tiny", vocab_size=8192, d_model=128, num_layers=4, num_heads=4, head_dim=32, d_ff=512,
-    chunk_size=64, num_neighbours=2, cca_layers=(2, 4),
-    enc_d_model=64, enc_num_layers=2, enc_num_heads=4, enc_head_dim=16, enc_d_ff=256)
-
-PRESETS: dict[str, ModelConfig] = {}
-for _cfg in [*_RETRO, TINY]:
-    PRESETS[_cfg.name] = _cfg
-    PRESETS[PAPER_BASELINE_OF[_cfg.name]] = _cfg.baseline()
-
-# Table 2 of the paper, non-embedding parameters (millions), for the preset-count tests.
-PAPER_PARAMS_M = {
-    "baseline-132m": 132, "retro-172m": 172, "baseline-368m": 368, "retro-425m": 425,
-    "baseline-1.3b": 1309, "retro-1.5b": 1451, "baseline-7b": 6982, "retro-7.5b": 7532,
-}
-
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-# Training defaults per preset (paper §C.1 for the paper sizes; CPU-sized for tiny).
-_TRAIN_PAPER = dict(seq_len=2048, batch_size=256, steps=100_000, lr_max=2e-4, lr_init=1e-7,
-                    warmup_steps=750, lr_final_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-                    b1=0.9, b2=0.95, seed=0, log_every=50, checkpoint_every=1000,
-                    keep_checkpoints=3, max_bad_steps=10, retrieval=True, eval_every=0,
-                    eval_batches=8)
-_TRAIN_TINY = dict(_TRAIN_PAPER, seq_len=256, batch_size=16, steps=300, lr_max=1e-3,
-                   warmup_steps=30, log_every=10, checkpoint_every=100)
-
-
-def experiment_config(preset: str) -> ml_collections.ConfigDict:
-    """The experiment config of a preset.
-
-    model: the ModelConfig fields.   train: optimisation, data and checkpoint settings.
-    mesh: device-mesh shape (data x fsdp x tensor; -1 fills with the remaining devices).
-    eval: bits-per-byte windows (the paper: 2048 with stride 1024).
-    """
-    cfg = ModelConfig.from_preset(preset)
-    train = dict(_TRAIN_TINY if cfg.name.startswith("tiny") else _TRAIN_PAPER)
-    if cfg.name == "retro-7.5b" or cfg.name == "baseline-7b":
-        train.update(lr_max=1e-4, batch_size=1024)
-    train["retrieval"] = cfg.is_retro
-    window = train["seq_len"]
+def default_config() -> ml_collections.ConfigDict:
+    """The schema of every experiment config, with the paper's defaults (§C.1, Table 2's 172M)."""
     return ml_collections.ConfigDict({
-        "name": preset,
-        "model": cfg.to_dict(),
-        "train": train,
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "eval": {"window": window, "stride": window // 2, "batch_size": 8},
+        "model": ModelConfig().to_dict(),
+        "train": dict(seq_len=2048, batch_size=256, steps=100_000, lr_max=2e-4, lr_init=1e-7,
+                      warmup_steps=750, lr_final_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9,
+                      b2=0.95, seed=0, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+                      max_bad_steps=10, retrieval=True, eval_every=0, eval_batches=8),
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # -1 fills with the remaining devices
+        "eval": {"window": 2048, "stride": 1024, "batch_size": 8},  # the paper's 2048 / 1024
+        "data": {"db": "", "tokenizer_sha256": ""},
     })
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Apply `--config.a.b=v` / `config.a.b=v` / `a.b=v` overrides (ml_collections' form).
-
-    Values are parsed as Python literals and must keep the type of the field they replace;
-    unknown keys are an error that lists the known ones.
-    """
-    import ast
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    for item in overrides:
-        key, sep, raw = item.lstrip("-").partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form --config.key=value")
-        key = key.removeprefix("config.")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-                raise ValueError(f"unknown config key {key!r}: no section {p!r}")
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {key!r}; known keys here: {sorted(node.keys())}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        old = node[leaf]
-        if isinstance(old, bool) or isinstance(value, bool):
-            if not isinstance(value, bool) or not isinstance(old, bool):
-                raise ValueError(f"{key} expects {type(old).__name__}, got {raw!r}")
-        elif isinstance(old, float) and isinstance(value, int):
-            value = float(value)
-        elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple, int)):
-            value = [value] if isinstance(value, int) else list(value)
-        elif old is not None and not isinstance(value, type(old)):
-            raise ValueError(f"{key} expects {type(old).__name__}, got {raw!r}")
-        node[leaf] = value
-    ModelConfig.from_dict(dict(config.model))  # validate now, before anything compiles
+def baseline_of(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`config`'s decoder without retrieval (no CCA layers, so no encoder), named `name`."""
+    config.model.name, config.model.cca_layers, config.train.retrieval = name, (), False
     return config
 
 
-def load_config(name_or_path: str) -> ml_collections.ConfigDict:
-    """A preset name, a config file (`configs/retro_172m.py`) or a config name under `configs/`."""
-    if name_or_path in PRESETS:
-        return experiment_config(name_or_path)
-    path = pathlib.Path(name_or_path)
-    candidates = [path, CONFIGS_DIR / path, CONFIGS_DIR / f"{name_or_path}.py",
-                  CONFIGS_DIR / f"{name_or_path.replace('-', '_').replace('.', '_')}.py"]
-    for cand in candidates:
-        if cand.suffix == ".py" and cand.is_file():
-            spec = importlib.util.spec_from_file_location(f"retro_jax_config_{cand.stem}", cand)
-            module = importlib.util.module_from_spec(spec)
-            assert spec.loader is not None
-            spec.loader.exec_module(module)
-            if not hasattr(module, "get_config"):
-                raise ValueError(f"config file {cand} has no get_config()")
-            return module.get_config()
-    raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
-                     f"nor a config file (looked in {CONFIGS_DIR})")
+def model_config(config: ml_collections.ConfigDict | str) -> ModelConfig:
+    """The frozen ModelConfig of an experiment config (or of a preset name / config file / workdir)."""
+    if isinstance(config, (str, pathlib.Path)):
+        config = load_config(config)
+    return ModelConfig.from_dict(dict(config.model))
 
 
-def model_config(name_or_path: str) -> ModelConfig:
-    return ModelConfig.from_dict(dict(load_config(name_or_path).model))
+def _keys(config: ml_collections.ConfigDict) -> set[str]:
+    """`section.key` of every field."""
+    return {f"{section}.{key}" for section in config for key in config[section]}
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every section against the schema: no unknown or missing keys, model and train values sane."""
+    got, want = _keys(config), _keys(default_config())
+    if got != want:
+        raise ValueError(f"config does not match the schema: unknown keys {sorted(got - want)}, "
+                         f"missing keys {sorted(want - got)}")
+    model_config(config)  # ModelConfig's own checks
+    t = config.train
+    for key in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every"):
+        if t[key] <= 0:
+            raise ValueError(f"train.{key} must be positive, got {t[key]}")
+    return config
+
+
+def _normalise(override: str) -> str:
+    """`--config.a.b=v`, `config.a.b=v` and `a.b=v` all mean `--config.a.b=v`."""
+    key, sep, value = override.lstrip("-").partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {override!r} is not of the form --config.key=value")
+    return f"--config.{key.removeprefix('config.')}={value}"
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """A copy of `config` with `--config.a.b=v` overrides applied by ml_collections' config flags.
+
+    Values keep the type of the field they replace (ints become floats where a float is
+    expected, `(4,)` or `4` for a tuple); an unknown key or a value of the wrong type is a
+    ValueError naming it. The result is validated before anything compiles."""
+    import difflib
+
+    from absl import flags
+    from ml_collections import config_flags
+    from ml_collections.config_flags import config_path
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.lock()
+    for arg in map(_normalise, overrides):
+        key = arg.split("=", 1)[0].removeprefix("--config.")
+        if key not in _keys(config):
+            near = difflib.get_close_matches(key, _keys(config), n=3)
+            raise ValueError(f"unknown config key {key!r}; did you mean one of {near}?" if near else
+                             f"unknown config key {key!r}; the sections are {sorted(config)}")
+        try:  # one flag set per override, so an error names its own key
+            values = flags.FlagValues()
+            config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=["retro-jax", arg])
+            values(["retro-jax", arg])
+        except (flags.Error, ValueError, TypeError) as e:
+            typ = config_path.get_type(key, config).__name__
+            raise ValueError(f"config.{key} expects {typ}, got {arg.split('=', 1)[1]!r} "
+                             f"({str(e).splitlines()[0]})") from None
+    return validate(config)
+
+
+def _load_file(path: pathlib.Path, arg: str | None) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"retro_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config()")
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _preset_file(name: str) -> pathlib.Path:
+    """configs/retro_1_5b.py for `retro-1.5b`, `retro_1_5b` or `retro_1_5b.py`."""
+    return CONFIGS_DIR / (re.sub(r"[-.]", "_", name.removesuffix(".py")) + ".py")
+
+
+def presets() -> dict[str, ModelConfig]:
+    """Every preset under configs/, by name, smallest first (each baseline before its RETRO)."""
+    cfgs = [model_config(_load_file(path, None)) for path in CONFIGS_DIR.glob("*.py")]
+    return {cfg.name: cfg for cfg in sorted(cfgs, key=lambda c: (c.d_model * c.num_layers, c.is_retro))}
+
+
+def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The experiment config a training run wrote to workdir/config.json."""
+    path = pathlib.Path(workdir) / WORKDIR_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(workdir)!r} has no {WORKDIR_CONFIG}: is it a retro-jax training workdir?")
+    sections = json.loads(path.read_text())  # JSON has lists where the schema has tuples
+    return validate(ml_collections.ConfigDict({s: {k: tuple(v) if isinstance(v, list) else v for k, v in sec.items()}
+                                               for s, sec in sections.items()}))
+
+
+def write_workdir_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    path = pathlib.Path(workdir) / WORKDIR_CONFIG
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(path)
+
+
+def load_config(source: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """The experiment config of a preset name (`tiny`, `retro-172m`), a config file (`configs/x.py`,
+    `configs/x.py:arg` for `get_config(arg)`) or a training workdir, with `overrides` applied."""
+    source = str(source)
+    head, sep, arg = source.partition(".py:")
+    path_str, arg = (head + ".py", arg) if sep else (source, None)
+    path = pathlib.Path(path_str)
+    if path.is_dir() and (path / WORKDIR_CONFIG).is_file():
+        config = read_workdir_config(path)
+    elif path.suffix == ".py" and path.is_file():
+        config = _load_file(path, arg)
+    elif _preset_file(path_str).is_file():
+        config = _load_file(_preset_file(path_str), arg)
+    else:
+        names = ", ".join(p.stem for p in sorted(CONFIGS_DIR.glob("*.py")))
+        raise ValueError(f"{source!r} is neither a preset ({names}; '-' and '.' may stand for '_'), a "
+                         f"config file nor a training workdir")
+    return apply_overrides(config, overrides)
+
+
+PAPER_PARAMS_M = {  # Table 2 of the paper, non-embedding parameters (millions)
+    "baseline-132m": 132, "retro-172m": 172, "baseline-368m": 368, "retro-425m": 425,
+    "baseline-1.3b": 1309, "retro-1.5b": 1451, "baseline-7b": 6982, "retro-7.5b": 7532,
+}

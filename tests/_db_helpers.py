@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from retro_jax.data.split import is_validation
-from retro_jax.retrieval.bert import random_hf_weights
+from _stand_ins import random_hf_weights
 
 SEED, VAL_FRACTION = 0, 0.2
 WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprst" for b in "aeiou" for c in "nrstl"][:240]

@@ -29,20 +29,17 @@ def cfg():
 
 
 def batches() -> list[dict[str, np.ndarray]]:
-    from retro_jax.quickstart import random_batch
+    from _stand_ins import random_batch
     return [random_batch(cfg(), BATCH, SEQ, seed=s) for s in range(STEPS)]
 
 
 def trainable_mask():
     """True for the retrieval parameters (encoder, CCA), False for the baseline decoder."""
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    from retro_jax.model import Retro
+    from retro_jax.model import abstract_params
     from retro_jax.model.count import is_retrieval_path
-    abstract = jax.eval_shape(lambda: Retro(cfg()).init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32)))
     return jax.tree_util.tree_map_with_path(lambda p, _: is_retrieval_path(tuple(k.key for k in p)),
-                                            nn.unbox(abstract)["params"])
+                                            abstract_params(cfg()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,12 +58,13 @@ def param_norm(params) -> float:
 def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
     """sharded_init + STEPS sharded train steps, each process feeding only its rows."""
     import jax
-    from retro_jax.train import mesh as mesh_lib
+    from retro_jax.runtime import mesh as mesh_lib
+    from retro_jax.runtime.state import sharded_init
     from retro_jax.train.step import make_sharded_train_step
 
     opt, schedule = optimizer()
     mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
-    state, shardings = mesh_lib.sharded_init(cfg(), opt, mesh, jax.random.key(0), SEQ)
+    state, shardings = sharded_init(cfg(), opt, mesh, jax.random.key(0))
     step = make_sharded_train_step(cfg(), opt, mesh, shardings, schedule)
     init = jax.device_get(state.params) if jax.process_count() == 1 else None
     rows = mesh_lib.local_batch_slice(BATCH, mesh)

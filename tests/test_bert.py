@@ -17,7 +17,8 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 from _db_helpers import write_wordpiece_tokenizer
 
-from retro_jax.retrieval.bert import BertCheckpointError, Embedder, random_hf_weights
+from retro_jax.retrieval.bert import BertCheckpointError, Embedder
+from _stand_ins import random_hf_weights
 
 REFERENCE = Path(__file__).parent / "data" / "bert_reference.json"
 TINY = dict(vocab_size=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -12,8 +12,10 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from retro_jax.train.checkpoint import Checkpointer, NoCheckpointError, NonFiniteStateError, restore_params_only
-from retro_jax.train.step import TrainState
+from _damage import damage
+from retro_jax.runtime.checkpoint import (Checkpointer, NoCheckpointError, NonFiniteStateError,
+                                         UnreadableCheckpointError, restore_params_only)
+from retro_jax.runtime.state import TrainState
 
 AXES = ("data", "fsdp", "tensor")
 OPT = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
@@ -91,7 +93,6 @@ def test_round_trip_is_bitwise_and_brings_back_data_state_and_config(tmp_path):
         assert ckpt.latest_step() == 7
     with Checkpointer(tmp_path) as again:  # a fresh process would do this
         restored, data, config = again.restore(None, abstract_of(state, mesh))
-        assert again.restore_config() == CONFIG
     assert isinstance(restored, TrainState)
     assert_bitwise_equal(restored, expected)
     assert data == DATA and config == CONFIG
@@ -156,3 +157,38 @@ def test_non_finite_state_is_never_written(tmp_path, bad):
         assert ckpt.all_steps() == [1]
     assert not (tmp_path / "checkpoints" / "2").exists()
     json.dumps(DATA)  # data state is plain JSON
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_an_unreadable_step_is_named_set_aside_and_the_one_before_restored(tmp_path, how, capsys):
+    mesh = mesh_of((2, 2, 2))
+    states = {s: make_state(mesh, seed=s) for s in (3, 6)}
+    with Checkpointer(tmp_path) as ckpt:
+        for s, state in states.items():
+            ckpt.save(s, state, {"position": s}, CONFIG, force=True)
+    damage(tmp_path, 6, how)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(UnreadableCheckpointError, match=r"^checkpoint 6 in .* is unreadable: \S") as e:
+            ckpt.restore(6, abstract_of(states[6], mesh))
+        assert len(str(e.value).splitlines()) == 1 and "TensorStore" not in str(e.value)
+        step, restored, data, _ = ckpt.restore_newest_readable(abstract_of(states[3], mesh))
+        assert (step, data) == (3, {"position": 3}) and ckpt.all_steps() == [3]
+        assert_bitwise_equal(restored, states[3])
+        assert ckpt.save(6, states[6], {"position": 6}, CONFIG, force=True)  # step 6 can be written again
+    out = capsys.readouterr().out
+    assert "checkpoint 6" in out and "unreadable" in out and "resuming from checkpoint 3" in out
+    assert (tmp_path / "checkpoints_unreadable" / "6").is_dir()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    mesh = mesh_of((1, 1, 1))
+    state = make_state(mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(4, state, DATA, CONFIG, force=True)
+    damage(tmp_path, 4, "truncated")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(UnreadableCheckpointError, match="checkpoint 4 .* never starts from scratch"):
+            ckpt.restore_newest_readable(abstract_of(state, mesh))
+        assert ckpt.all_steps() == [4]  # nothing moved
+    with pytest.raises(UnreadableCheckpointError, match=r"^checkpoint 4 in .* is unreadable"):
+        restore_params_only(tmp_path, abstract_of(state, mesh).params)

@@ -2,7 +2,9 @@
 
 import pytest
 
-from retro_jax.config import PAPER_PARAMS_M, PRESETS, ModelConfig, load_config, model_config
+from retro_jax.config import PAPER_PARAMS_M, ModelConfig, load_config, model_config, presets
+
+PRESETS = presets()
 from retro_jax.model.count import flops_per_token, param_counts
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from _db_helpers import BUILD, shared
 
+from retro_jax.config import ModelConfig
 from retro_jax.retrieval import commands
 from retro_jax.retrieval.database import Database, DatabaseError, DatabaseMismatchError, Retriever
 
@@ -68,11 +69,25 @@ def test_prefix_view_drops_neighbours_outside_the_prefix(db):
 
 
 def test_incompatible_tokenizer_or_chunk_size_is_named(db):
-    db.check_compatible(tokenizer_sha256=db.tokenizer_sha256, chunk_size=db.chunk_size)
+    model = ModelConfig(vocab_size=512, chunk_size=db.chunk_size)
+    db.check_model(model, tokenizer_sha256=db.tokenizer_sha256)
     with pytest.raises(DatabaseMismatchError, match=f"tokenizer.*{'ab' * 8}.*{db.tokenizer_sha256[:16]}"):
-        db.check_compatible(tokenizer_sha256="ab" * 32)
+        db.check_model(model, tokenizer_sha256="ab" * 32)
     with pytest.raises(DatabaseMismatchError, match=f"chunks of 64 tokens.*chunks of {db.chunk_size} tokens"):
-        db.check_compatible(chunk_size=64)
+        db.check_model(model.replace(chunk_size=64))
+
+
+def test_check_model_refuses_another_model_before_compiling(db):
+    sha = db.tokenizer_sha256
+    db.check_model(ModelConfig(vocab_size=400, chunk_size=32), tokenizer_sha256=sha)
+    with pytest.raises(DatabaseMismatchError, match="chunks of 64 tokens, but database .* chunks of 32"):
+        db.check_model(ModelConfig(vocab_size=400, chunk_size=64))
+    with pytest.raises(DatabaseMismatchError, match="tokenizer of 400 tokens, more than the model's vocab_size 300"):
+        db.check_model(ModelConfig(vocab_size=300, chunk_size=32))
+    with pytest.raises(DatabaseMismatchError, match=f"tokenizer sha256 {'0' * 16}.*tokenizer sha256 {sha[:16]}"):
+        db.check_model(ModelConfig(vocab_size=400, chunk_size=32), tokenizer_sha256="0" * 64)
+    with pytest.raises(DatabaseMismatchError, match="retrieves 12 neighbours per chunk.*stores only 10"):
+        db.check_model(ModelConfig(vocab_size=400, chunk_size=32, num_neighbours=12))
 
 
 def test_retriever_finds_the_stored_neighbours_of_a_database_chunk(db, base):

@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _damage import damage
 from _db_helpers import shared
 from retro_jax.config import ModelConfig, apply_overrides, load_config
 from retro_jax.eval import report
+from retro_jax.eval import run as eval_run
 from retro_jax.eval.run import evaluate
+from retro_jax.model import abstract_params
 from retro_jax.retrieval.database import Database, DatabaseMismatchError
+from retro_jax.runtime.checkpoint import Checkpointer, restore_params_only
 from retro_jax.train import retrofit
-from retro_jax.train.checkpoint import Checkpointer, restore_params_only
 from retro_jax.train.loop import train
 
 # As tests/test_train.py: a small model over the test database (chunk 32, vocab 400).
@@ -41,7 +44,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("evalruns")
     train(_config("tiny"), db, str(root / "retro"), progress=False)
     cfg = ModelConfig.from_dict(dict(_config("tiny").model))
-    params = restore_params_only(root / "retro", retrofit.abstract_params(cfg, 64))
+    params = restore_params_only(root / "retro", abstract_params(cfg))
     base = _config("tiny-baseline")
     (root / "baseline").mkdir()
     (root / "baseline" / "config.json").write_text(json.dumps(base.to_dict()))
@@ -52,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="retro-jax")
-    report.register(parser.add_subparsers(dest="verb", required=True))
+    eval_run.register(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -108,3 +111,19 @@ def test_a_model_of_another_chunk_size_or_tokenizer_is_refused(tmp_path_factory,
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(DatabaseMismatchError, match=message):
         evaluate(tmp_path, db, progress=False)
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_eval_names_an_unreadable_checkpoint_and_stops(runs, tmp_path, capsys, how):
+    import shutil
+
+    from retro_jax.cli import main as cli_main
+
+    workdir = tmp_path / "retro"
+    shutil.copytree(runs["retro"], workdir)
+    damage(workdir, 2, how)
+    assert cli_main(["eval", "--workdir", str(workdir), "--db", runs["db"], "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retro-jax eval: error: checkpoint 2 in ") and "is unreadable: " in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (workdir / "checkpoints_unreadable").exists()  # eval never moves a run's files

@@ -1,4 +1,4 @@
-"""TrainLoader / eval_batches / check_database on a tiny real database (chunk size 32)."""
+"""TrainLoader and make_batch on a tiny real database (chunk size 32)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from _db_helpers import shared
 
-from retro_jax.config import ModelConfig
-from retro_jax.retrieval.database import Database, DatabaseMismatchError
-from retro_jax.train.loader import TrainLoader, check_database, eval_batches, make_batch, num_eval_sequences
+from retro_jax.retrieval.database import Database
+from retro_jax.train.loader import TrainLoader, make_batch
 
 SEQ, K = 128, 2  # L = 4 chunks of 32 per sequence
 
@@ -136,30 +135,6 @@ def test_neighbours_are_the_databases_first_k(db):
     np.testing.assert_array_equal(baseline["tokens"], batch["tokens"])
 
 
-def test_eval_batches_cover_every_sequence_once_then_pad(db):
-    store, m, c = db.validation, db.chunk_size, db.validation.num_chunks
-    # a partial last window, and a last batch with padding rows
-    L, bs = next((L, bs) for L in (3, 5, 7, 6, 4) for bs in (4, 3, 5) if c % L and -(-c // L) % bs)
-    seq = L * m
-    n = num_eval_sequences(db, "validation", seq)
-    batches = list(eval_batches(db, "validation", seq, bs, K))
-    assert len(batches) == -(-n // bs) and store.num_chunks % L
-    tokens = np.concatenate([b["tokens"] for b in batches])
-    mask = np.concatenate([b["loss_mask"] for b in batches])
-    nbs = np.concatenate([b["neighbours"] for b in batches])
-    padding_rows = len(tokens) - n
-    assert padding_rows == bs * len(batches) - n and padding_rows > 0
-    assert not mask[n:].any() and np.all(nbs[n:] == -1)
-    chunks = tokens[:n].reshape(-1, m)
-    np.testing.assert_array_equal(chunks[:store.num_chunks], store.tokens[:])  # every chunk, in order, once
-    assert np.all(chunks[store.num_chunks:] == store.pad_id)
-    full = n - 1  # full windows equal the training batches of the same sequences
-    ref = make_batch(db, "validation", np.arange(full) * L, seq, K)
-    for key in ref:
-        np.testing.assert_array_equal(np.concatenate([b[key] for b in batches])[:full], ref[key])
-    assert not list(eval_batches(db, "validation", seq, bs, K, retrieval=False))[0].get("neighbours")
-
-
 def test_bad_settings_name_the_numbers(db):
     with pytest.raises(ValueError, match="seq_len 100 must be a positive multiple of the database's chunk size 32"):
         TrainLoader(db, "train", 100, 4, K, seed=0)
@@ -171,16 +146,3 @@ def test_bad_settings_name_the_numbers(db):
     TrainLoader(db, "train", SEQ, 4, 11, seed=0, retrieval=False)  # baseline: K unused
     with pytest.raises(ValueError, match="global batch size 4 must divide evenly across 3 processes"):
         TrainLoader(db, "train", SEQ, 4, K, seed=0, process_index=0, process_count=3)
-
-
-def test_check_database_refuses_another_model_before_compiling(db):
-    sha = db.tokenizer_sha256
-    check_database(db, ModelConfig(vocab_size=400, chunk_size=32), tokenizer_sha256=sha)
-    with pytest.raises(DatabaseMismatchError, match="chunks of 64 tokens, but database .* chunks of 32"):
-        check_database(db, ModelConfig(vocab_size=400, chunk_size=64))
-    with pytest.raises(DatabaseMismatchError, match="tokenizer of 400 tokens, more than the model's vocab_size 300"):
-        check_database(db, ModelConfig(vocab_size=300, chunk_size=32))
-    with pytest.raises(DatabaseMismatchError, match=f"tokenizer sha256 {'0' * 16}.*tokenizer sha256 {sha[:16]}"):
-        check_database(db, ModelConfig(vocab_size=400, chunk_size=32), tokenizer_sha256="0" * 64)
-    with pytest.raises(DatabaseMismatchError, match="retrieves 12 neighbours per chunk.*stores only 10"):
-        check_database(db, ModelConfig(vocab_size=400, chunk_size=32, num_neighbours=12))

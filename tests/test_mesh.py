@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from retro_jax.config import ModelConfig
 from retro_jax.model import Retro
-from retro_jax.train import mesh as mesh_lib
-from retro_jax.train.mesh import MeshError
+from retro_jax.runtime import mesh as mesh_lib
+from retro_jax.runtime import state as state_lib
+from retro_jax.runtime.mesh import MeshError
 
 CFG = ModelConfig.from_preset("tiny").replace(vocab_size=512)
 DF = ("data", "fsdp")
@@ -41,7 +42,7 @@ def mesh():
 
 
 def test_golden_partition_specs(mesh):
-    shardings = mesh_lib.param_shardings(CFG, mesh, 128)
+    shardings = state_lib.param_shardings(CFG, mesh)
     tokens = jnp.zeros((1, 128), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(Retro(CFG).init(jax.random.key(0), tokens))["params"])
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -99,7 +100,7 @@ def test_batch_must_divide_data_times_fsdp(mesh):
 def test_parameter_that_does_not_divide_is_a_clear_error(mesh):
     cfg = CFG.replace(num_heads=3)  # heads -> tensor (2)
     with pytest.raises(MeshError, match=r"layer_1.*attn.* of shape \(3, .*not divisible by tensor = 2"):
-        mesh_lib.param_shardings(cfg, mesh)
+        state_lib.param_shardings(cfg, mesh)
 
 
 def test_global_batch_is_split_over_data_and_fsdp(mesh):

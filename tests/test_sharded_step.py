@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from retro_jax.model import init_params
-from retro_jax.train import mesh as mesh_lib
-from retro_jax.train.step import TrainState, make_sharded_eval_step, eval_step, train_step
+from retro_jax.runtime import mesh as mesh_lib
+from retro_jax.runtime.forward import make_nll_fn
+from retro_jax.runtime.state import TrainState
+from retro_jax.train.step import train_step
 import _train_setup as setup
 
 LOSS_RTOL, MAX_SHARE, MEAN_SHARE = 1e-5, 0.05, 0.005
@@ -25,7 +27,7 @@ LOSS_RTOL, MAX_SHARE, MEAN_SHARE = 1e-5, 0.05, 0.005
 def reference():
     """One device, no mesh, no rules: the plain jitted step."""
     cfg, (opt, schedule) = setup.cfg(), setup.optimizer()
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), setup.SEQ)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     init = jax.device_get(params)
     state = TrainState.create(params, opt)
     step = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=opt, schedule=schedule))
@@ -130,11 +132,14 @@ def test_non_finite_step_is_skipped(poison):
         assert int(m["skipped"]) == 0 and int(state.bad_in_a_row) == 0 and int(state.skipped) == 1
 
 
-def test_sharded_eval_matches_one_device(reference):
+def test_sharded_forward_matches_one_device(reference):
+    """The runtime's forward (what eval and validation score with) on 8 devices, per token."""
     run = setup.run_8_devices()
     cfg, mesh = setup.cfg(), run["mesh"]
-    evaluate = make_sharded_eval_step(cfg, mesh, run["shardings"].params)
     batch = setup.batches()[0]
-    got = evaluate(run["state"].params, mesh_lib.global_batch(batch, mesh))
-    want = jax.jit(functools.partial(eval_step, cfg=cfg))(reference["final"], batch)
-    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=LOSS_RTOL)
+    args = (batch["tokens"], batch["targets"], batch["neighbours"])
+    sharded_params = jax.device_put(reference["final"], run["shardings"].params)
+    got = make_nll_fn(cfg, sharded_params, mesh)(*args)
+    want = make_nll_fn(cfg, reference["final"])(*args)
+    assert got.shape == batch["tokens"].shape and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=1e-6)

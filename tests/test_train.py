@@ -15,12 +15,16 @@ import jax
 import numpy as np
 import pytest
 
+from _damage import damage
 from _db_helpers import shared
 from retro_jax.cli import main as cli_main
 from retro_jax.config import ModelConfig, apply_overrides, load_config
+from retro_jax.eval.run import make_validator
+from retro_jax.model import abstract_params
 from retro_jax.model.retro import Retro
+from retro_jax.retrieval.database import Database
+from retro_jax.runtime.checkpoint import restore_params_only
 from retro_jax.train import retrofit
-from retro_jax.train.checkpoint import restore_params_only
 from retro_jax.train.loop import TrainingError, train
 
 # A small model over the test database (chunk 32, SentencePiece vocab 400).
@@ -43,7 +47,7 @@ def db(tmp_path_factory) -> str:
 
 def _params(workdir: Path, cfg_overrides=()) -> dict:
     cfg = ModelConfig.from_dict(dict(config(*cfg_overrides).model))
-    return restore_params_only(workdir, retrofit.abstract_params(cfg, 128))
+    return restore_params_only(workdir, abstract_params(cfg))
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -89,13 +93,13 @@ def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_
           freeze_decoder=True, progress=False)
     retro_cfg = ModelConfig.from_dict(dict(config().model))
     base_cfg = ModelConfig.from_dict(dict(config(preset="tiny-baseline").model))
-    base = restore_params_only(base_dir, retrofit.abstract_params(base_cfg, 128))
-    retro = restore_params_only(retro_dir, retrofit.abstract_params(retro_cfg, 128))
+    base = restore_params_only(base_dir, abstract_params(base_cfg))
+    retro = restore_params_only(retro_dir, abstract_params(retro_cfg))
     frozen = retrofit.split_decoder(retro)
     assert jax.tree.structure(frozen) == jax.tree.structure(base)
     for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit after training
-    init = retrofit.split_decoder(retrofit.abstract_params(retro_cfg, 128), keep_retrieval=True)
+    init = retrofit.split_decoder(abstract_params(retro_cfg), keep_retrieval=True)
     assert jax.tree.leaves(init), "the retrofitted model has retrieval weights"
     tokens = np.random.default_rng(0).integers(0, 400, (2, 96), dtype=np.int32)
     off = Retro(retro_cfg).apply({"params": retro}, tokens, None)
@@ -127,13 +131,13 @@ def test_non_finite_steps_are_skipped_then_training_stops_without_a_bad_checkpoi
 
 
 def test_metrics_jsonl_and_tensorboard_are_written(db, tmp_path):
-    out = train(config("train.steps=3", "train.eval_every=3", "train.eval_batches=2"), db,
-                str(tmp_path / "w"), progress=False)
+    cfg = config("train.steps=3", "train.eval_every=3", "train.eval_batches=2")
+    out = train(cfg, db, str(tmp_path / "w"), progress=False, validate=make_validator(cfg, Database.open(db)))
     rows = [json.loads(ln) for ln in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "bits_per_token", "lr", "grad_norm", "skipped_steps", "tokens_per_s", "mfu"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    assert "val_loss" in rows[-1] and out["step"] == 3
+    assert "val_loss" in rows[-1] and "val_bpb" in rows[-1] and out["step"] == 3
     assert list((tmp_path / "w" / "tb").glob("events.out.tfevents.*"))
 
 
@@ -169,3 +173,35 @@ def test_sigterm_writes_a_checkpoint_of_the_current_step_and_exits_cleanly(db, t
     last = max(_losses(run))
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == last  # the step it stopped at is checkpointed, not only the last interval one
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(db, tmp_path, capsys, how):
+    argv = ["train", "--config", "tiny", "--db", db, "--workdir", str(tmp_path / "w"), "--steps", "6",
+            "--checkpoint-every", "3", "--no-progress", *[f"--config.{o}" for o in MODEL + TRAIN]]
+    assert cli_main(argv) == 0  # checkpoints 3 and 6
+    first = _losses(tmp_path / "w")
+    damage(tmp_path / "w", 6, how)
+    capsys.readouterr()
+    assert cli_main(argv) == 0  # the same command
+    out, err = capsys.readouterr()
+    assert "checkpoint 6 in" in out and "is unreadable: " in out and "resuming from checkpoint 3" in out
+    assert "Traceback" not in out + err and "tensorstore_spec" not in out
+    # Step 6 was moved aside, so a new checkpoint 6 means steps 4-6 were trained again ...
+    assert (tmp_path / "w" / "checkpoints_unreadable" / "6").is_dir()
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+    lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3, 4, 5, 6]  # (their old lines replaced)
+    assert _losses(tmp_path / "w") == first  # ... to the same losses, bit for bit
+
+
+def test_a_workdir_whose_checkpoints_are_all_unreadable_never_starts_from_scratch(db, tmp_path, capsys):
+    argv = ["train", "--config", "tiny", "--db", db, "--workdir", str(tmp_path / "w"), "--steps", "3",
+            "--no-progress", *[f"--config.{o}" for o in MODEL + TRAIN]]
+    assert cli_main(argv) == 0
+    damage(tmp_path / "w", 3, "truncated")
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 3 in" in err and "never starts from scratch" in err and "Traceback" not in err
+    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == 3  # nothing was retrained

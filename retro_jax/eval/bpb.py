@@ -24,15 +24,15 @@ drop whole chunks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-# (tokens [B, W] int32, targets [B, W] int32, neighbours [B, ceil(W/m), K, 2m] int32 or None)
-#   -> negative log-likelihood of each target in nats, float [B, W]
-NllFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+from retro_jax.runtime.forward import NllFn
+
 LN2 = math.log(2.0)
 
 
@@ -104,6 +104,11 @@ class Scores:
         return float(self.bits_C[keep_C].sum()) / n_bytes if n_bytes else float("nan")
 
     @property
+    def loss_per_token(self) -> float:
+        """Mean negative log-likelihood of the scored targets, in nats per token."""
+        return float(self.bits_C.sum()) * LN2 / max(float(self.tokens_C.sum()), 1.0)
+
+    @property
     def counts(self) -> dict[str, int]:
         return {"chunks": int(self.bits_C.size), "tokens": int(self.tokens_C.sum()),
                 "bytes": int(self.bytes_C.sum())}
@@ -172,8 +177,10 @@ def num_windows(store: Any, window: int, stride: int) -> int:
 
 def score_split(db: Any, split: str, nll_fn: NllFn, window: int, stride: int, batch_size: int,
                 k: int | None = None, token_num_bytes: np.ndarray | None = None,
-                keep_tokens: bool = True, progress: bool = False, desc: str = "bpb") -> Scores:
-    """Score every target of every document of `split` once (see the module docstring).
+                keep_tokens: bool = True, progress: bool = False, desc: str = "bpb",
+                max_batches: int | None = None) -> Scores:
+    """Score every target of every document of `split` once (see the module docstring); with
+    `max_batches`, only the documents' windows in the first that many batches (a quick estimate).
 
     k: neighbours per chunk (None = retrieval off: neither the index nor the neighbours are
     read). token_num_bytes: bytes per token id (default: the database tokenizer's table)."""
@@ -189,8 +196,9 @@ def score_split(db: Any, split: str, nll_fn: NllFn, window: int, stride: int, ba
     bits_C, bytes_C, tokens_C = np.zeros(C), np.zeros(C, np.int64), np.zeros(C, np.int64)
     kept: dict[str, list[np.ndarray]] = {"chunk": [], "position": [], "bits": [], "num_bytes": []}
     total = -(-num_windows(store, window, stride) // batch_size)
-    for batch in tqdm(_batches(store, window, stride, batch_size), total=total, desc=desc, unit="batch",
-                      disable=not progress):
+    total = total if not max_batches else min(total, max_batches)
+    batches = itertools.islice(_batches(store, window, stride, batch_size), total)
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
         neighbours = None
         if k is not None:
             ids = batch.window_chunks
@@ -216,37 +224,3 @@ def score_split(db: Any, split: str, nll_fn: NllFn, window: int, stride: int, ba
         for name, parts in kept.items():
             setattr(scores, name, np.concatenate(parts) if parts else np.zeros(0, empty[name]))
     return scores
-
-
-def make_nll_fn(cfg: Any, params: Any, mesh: Any = None) -> NllFn:
-    """An NllFn running `Retro(cfg)` with `params`, jitted; batches split over the mesh's
-    data x fsdp axes when a mesh is given (the batch size must divide across them)."""
-    import flax.linen as nn
-    import jax
-    import optax
-
-    from retro_jax.model.retro import Retro
-
-    def nll(p: Any, tokens: jax.Array, targets: jax.Array, neighbours: jax.Array | None) -> jax.Array:
-        logits = Retro(cfg).apply({"params": p}, tokens, neighbours)
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype("float32"), targets)
-
-    if mesh is None:
-        jitted = jax.jit(nll)
-        return lambda t, y, nb: np.asarray(jax.device_get(jitted(params, t, y, nb)))
-
-    from retro_jax.train.mesh import LOGICAL_AXIS_RULES, global_batch, local_batch_slice, replicated
-
-    jitted = jax.jit(nll, out_shardings=replicated(mesh))
-
-    def call(tokens: np.ndarray, targets: np.ndarray, neighbours: np.ndarray | None) -> np.ndarray:
-        rows = local_batch_slice(tokens.shape[0], mesh)
-        host = {"tokens": tokens[rows], "targets": targets[rows]}
-        if neighbours is not None:
-            host["neighbours"] = neighbours[rows]
-        batch = global_batch(host, mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            out = jitted(params, batch["tokens"], batch["targets"], batch.get("neighbours"))
-        return np.asarray(jax.device_get(out))
-
-    return call

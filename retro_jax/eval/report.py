@@ -1,5 +1,4 @@
-"""The evaluation report: JSON file, a Markdown table for the terminal, two PNG plots, and the
-`retro-jax eval` verb (`register(subparsers)`).
+"""The evaluation report: JSON file, a Markdown table for the terminal, two PNG plots.
 
 Files written into the output folder (the workdir by default), for split S:
   eval_S.json           the report object (`--json` prints the same object)
@@ -9,10 +8,8 @@ Files written into the output folder (the workdir by default), for split S:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     n_chunks = report["counts"]["chunks"]
     lines.append("| bpb | " + " | ".join(_fmt(report["bpb"][n]) for n in names) + f" | {n_chunks} |")
+    if "loss_per_token" in report:
+        lines.append("| loss (nats/token) | " + " | ".join(_fmt(report["loss_per_token"][n]) for n in names) + " | |")
     for a in report["alphas"]:
         kept = report["alpha_counts"][a]["chunks"]
         cells = " | ".join(_fmt(report["bpb_alpha"][n][a]) for n in names)
@@ -110,37 +109,3 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     plot_histogram(report, Path(files["leakage_png"]))
     Path(files["json"]).write_text(json.dumps(dict(report, files=files), indent=2))
     return files
-
-
-# ------------------------------------------------------------------------------- CLI
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from retro_jax.eval.run import evaluate
-
-    report = evaluate(args.workdir, args.db, split=args.split, neighbours=args.neighbours, baseline=args.baseline,
-                      progress=not args.no_progress and not args.json)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(markdown_table(report))
-        print("wrote " + ", ".join(report.get("files", {}).values()), file=sys.stderr)
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add the `eval` verb to an argparse subparsers object."""
-    e = subparsers.add_parser(
-        "eval", help="bits-per-byte with retrieval on and off, a baseline, and leakage-filtered bpb(alpha)",
-        description="Evaluate the latest checkpoint of a workdir on whole documents of a database split "
-                    "(sliding windows from the config's eval section), with retrieval on and off, and a "
-                    "baseline workdir side by side; bpb(alpha) filters out chunks that overlap the database.")
-    e.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
-    e.add_argument("--db", required=True, metavar="DB_DIR", help="the database the model was trained with")
-    e.add_argument("--split", default="validation", choices=("validation", "train"),
-                   help="split to evaluate (default validation)")
-    e.add_argument("--neighbours", type=int, help="neighbours per chunk (default: the model's num_neighbours)")
-    e.add_argument("--baseline", metavar="DIR", help="baseline workdir to evaluate side by side")
-    e.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.set_defaults(func=_eval)

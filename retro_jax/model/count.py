@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import ModelConfig
+from retro_jax.model import abstract_params
 
 EMBEDDING_NAMES = ("embed", "unembed")
 
@@ -30,18 +29,6 @@ class ParamCounts:
     def as_json(self) -> dict[str, int]:
         return {"params_total": self.total, "params_embedding": self.embedding,
                 "params_non_embedding": self.non_embedding, "params_retrieval": self.retrieval}
-
-
-def abstract_params(cfg: ModelConfig):
-    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: no memory is allocated)."""
-    from retro_jax.model.retro import Retro
-
-    m = cfg.chunk_size
-    tokens = jax.ShapeDtypeStruct((1, m), jnp.int32)
-    nbrs = (jax.ShapeDtypeStruct((1, 1, cfg.num_neighbours, cfg.neighbour_len), jnp.int32)
-            if cfg.is_retro else None)
-    variables = jax.eval_shape(lambda t, nb: Retro(cfg).init(jax.random.key(0), t, nb), tokens, nbrs)
-    return nn.unbox(variables)["params"]
 
 
 def is_retrieval_path(path: tuple[str, ...]) -> bool:

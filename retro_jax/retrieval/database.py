@@ -196,17 +196,28 @@ class Database:
         return self.manifest["tokenizer"]["sha256"]
 
     # ---- integrity
-    def check_compatible(self, tokenizer_sha256: str | None = None, chunk_size: int | None = None) -> None:
-        """Raise DatabaseMismatchError if a model's tokenizer or chunk size is not this database's."""
-        if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
+    def check_model(self, model_cfg: Any, tokenizer_sha256: str | None = None) -> None:
+        """Refuse (DatabaseMismatchError) a model that cannot use this database: another chunk size,
+        a smaller vocabulary, another tokenizer (when `tokenizer_sha256`, the model's, is given), or
+        more neighbours per chunk than are stored. `model_cfg`: a ModelConfig."""
+        if tokenizer_sha256 and tokenizer_sha256 != self.tokenizer_sha256:
             raise DatabaseMismatchError(
                 f"tokenizer mismatch: the model was trained with tokenizer sha256 {tokenizer_sha256[:16]}, "
                 f"but database {str(self.root)!r} was built with tokenizer sha256 {self.tokenizer_sha256[:16]}; "
                 "use the database the model was trained with, or rebuild it with --tokenizer")
-        if chunk_size is not None and int(chunk_size) != self.chunk_size:
+        if int(model_cfg.chunk_size) != self.chunk_size:
             raise DatabaseMismatchError(
-                f"chunk size mismatch: the model uses chunks of {chunk_size} tokens, but database "
+                f"chunk size mismatch: the model uses chunks of {model_cfg.chunk_size} tokens, but database "
                 f"{str(self.root)!r} has chunks of {self.chunk_size} tokens")
+        vocab = int(self.manifest["tokenizer"]["vocab_size"])
+        if vocab > model_cfg.vocab_size:
+            raise DatabaseMismatchError(
+                f"vocabulary mismatch: database {str(self.root)!r} has a tokenizer of {vocab} tokens, "
+                f"more than the model's vocab_size {model_cfg.vocab_size}")
+        if model_cfg.is_retro and model_cfg.num_neighbours > self.neighbours_stored:
+            raise DatabaseMismatchError(
+                f"the model retrieves {model_cfg.num_neighbours} neighbours per chunk, but database "
+                f"{str(self.root)!r} stores only {self.neighbours_stored}")
 
     def info(self) -> dict[str, Any]:
         """Counts, settings and provenance (no array reads)."""

@@ -4,7 +4,7 @@ Sequences. With L = seq_len / m chunks per sequence, sequence s is the chunks
 [s*L, (s+1)*L) of a split: non-overlapping windows over the chunk array, so every
 sequence starts at a chunk boundary (and CCA's chunks are the database's chunks). A
 sequence may span documents. Training uses the C // L full windows (the trailing
-C % L chunks are not trained on); evaluation also covers them in a last, padded window.
+C % L chunks are not trained on); evaluation scores whole documents instead (eval/bpb.py).
 
 Per sequence (flattening its chunks, pads included, into N = L*m positions):
   tokens     int32   [B, N]        the chunks' tokens (pad id past a document's end)
@@ -27,8 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from retro_jax.config import ModelConfig
-from retro_jax.retrieval.database import Database, DatabaseMismatchError
+from retro_jax.retrieval.database import Database
 
 Batch = dict[str, np.ndarray]
 
@@ -157,39 +156,3 @@ class TrainLoader:
             raise ValueError(f"data state epoch={epoch} position={position} out of range "
                              f"(epochs have {self.batches_per_epoch} batches)")
         self.epoch, self.position = epoch, position
-
-
-def num_eval_sequences(db: Database, split: str, seq_len: int) -> int:
-    """ceil(C / L): every chunk of the split in exactly one evaluation sequence."""
-    return -(-db.chunks(split).num_chunks // chunks_per_sequence(db, seq_len))
-
-
-def eval_batches(db: Database, split: str, seq_len: int, batch_size: int, num_neighbours: int,
-                 retrieval: bool = True) -> Iterator[Batch]:
-    """Every sequence of `split` exactly once, in order; the last batch is padded to `batch_size`
-    with all-pad rows whose loss_mask is 0 (there are batch_size*num_batches - num_sequences)."""
-    L = chunks_per_sequence(db, seq_len)
-    if retrieval:
-        _check_k(db, num_neighbours)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = num_eval_sequences(db, split, seq_len)
-    for first in range(0, n, batch_size):
-        seq_B = np.arange(first, first + batch_size)
-        starts_B = np.where(seq_B < n, seq_B * L, -1)
-        yield make_batch(db, split, starts_B, seq_len, num_neighbours, retrieval)
-
-
-def check_database(db: Database, model_cfg: ModelConfig, tokenizer_sha256: str | None = None) -> None:
-    """Refuse a database the model cannot use: another chunk size, a bigger vocabulary, another
-    tokenizer (when `tokenizer_sha256` is given), or fewer stored neighbours than the model's K."""
-    db.check_compatible(tokenizer_sha256=tokenizer_sha256, chunk_size=model_cfg.chunk_size)
-    vocab = int(db.manifest["tokenizer"]["vocab_size"])
-    if vocab > model_cfg.vocab_size:
-        raise DatabaseMismatchError(
-            f"vocabulary mismatch: database {str(db.root)!r} has a tokenizer of {vocab} tokens, "
-            f"more than the model's vocab_size {model_cfg.vocab_size}")
-    if model_cfg.is_retro and model_cfg.num_neighbours > db.neighbours_stored:
-        raise DatabaseMismatchError(
-            f"the model retrieves {model_cfg.num_neighbours} neighbours per chunk, but database "
-            f"{str(db.root)!r} stores only {db.neighbours_stored}")

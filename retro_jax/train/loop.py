@@ -1,8 +1,14 @@
 """The training loop: `retro-jax train` and `retro_jax.train.loop.train`.
 
 Top to bottom: distributed init -> config and database checks (before anything compiles) ->
-mesh -> optimizer -> sharded init -> resume (or retrofit init) -> loop (log, checkpoint,
-stop on divergence or SIGTERM) -> final checkpoint.
+mesh -> optimizer -> sharded init -> resume (or retrofit init) -> loop (log, validate,
+checkpoint, stop on divergence or SIGTERM) -> final checkpoint. The mesh, the state and the
+checkpoints come from the runtime layer; validation is a function passed in (the `train` verb
+passes `retro_jax.eval.run.make_validator`, so the numbers match `retro-jax eval`).
+
+Resuming restores the newest checkpoint that reads back completely; an unreadable newer one is
+named, set aside and skipped, and a workdir whose checkpoints all fail to read is an error,
+never a silent fresh start.
 
 Exact resume: the checkpoint holds params, optimizer state, step counters and the data
 iterator's state; the data order is a pure function of (seed, epoch) and the step is
@@ -12,33 +18,36 @@ from its last complete checkpoint and reproduces an uninterrupted run bit for bi
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from retro_jax.config import ModelConfig
+from retro_jax.config import model_config, read_workdir_config, write_workdir_config
+from retro_jax.model import abstract_params
 from retro_jax.model.count import flops_per_token
 from retro_jax.retrieval.database import Database
+from retro_jax.runtime.checkpoint import Checkpointer
+from retro_jax.runtime.mesh import check_batch, global_batch, local_batch_slice, mesh_from_config
+from retro_jax.runtime.state import sharded_init, with_shardings
 from retro_jax.train import distributed, retrofit
-from retro_jax.train.checkpoint import Checkpointer
-from retro_jax.train.loader import TrainLoader, check_database, eval_batches
-from retro_jax.train.mesh import check_batch, global_batch, local_batch_slice, make_mesh, sharded_init
+from retro_jax.train.loader import TrainLoader
 from retro_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from retro_jax.train.step import make_optimizer, make_schedule, make_sharded_eval_step, make_sharded_train_step
+from retro_jax.train.step import make_optimizer, make_schedule, make_sharded_train_step
 
 log = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resume; everything else must match.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
                      "eval_every", "eval_batches"}
+# (params, mesh) -> validation metrics, e.g. {"val_bpb": ..., "val_loss": ...}
+Validate = Callable[[Any, jax.sharding.Mesh], dict[str, float]]
 
 
 class TrainingError(RuntimeError):
@@ -54,44 +63,35 @@ def _check_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> N
                 continue
             a, b = saved.get(section, {}).get(k), now.get(section, {}).get(k)
             if a != b:
-                diffs.append(f"{section}.{k}: checkpoint has {a!r}, this run asks for {b!r}")
+                diffs.append(f"{section}.{k}: the workdir's run has {a!r}, this run asks for {b!r}")
     if diffs:
         raise TrainingError("the workdir holds a run with other settings; use another --workdir or "
                             "the same settings:\n  " + "\n  ".join(sorted(diffs)))
 
 
-def evaluate(params: Any, db: Database, cfg: ModelConfig, eval_fn, mesh, seq_len: int, batch_size: int,
-             retrieval: bool, max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted validation loss over (the first max_batches) validation batches."""
-    total = count = 0.0
-    it = eval_batches(db, "validation", seq_len, batch_size, cfg.num_neighbours, retrieval=retrieval)
-    for i, batch in enumerate(it):
-        if max_batches is not None and i >= max_batches:
-            break
-        rows = local_batch_slice(batch_size, mesh)
-        m = jax.device_get(eval_fn(params, global_batch({k: v[rows] for k, v in batch.items()}, mesh)))
-        total += float(m["loss"]) * float(m["tokens"])
-        count += float(m["tokens"])
-    loss = total / max(count, 1.0)
-    return {"val_loss": loss, "val_bits_per_token": loss / np.log(2.0), "val_tokens": count}
-
-
 def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_from: str | None = None,
           freeze_decoder: bool = False, progress: bool = True, coordinator: str | None = None,
-          num_processes: int | None = None, process_id: int | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir`; returns the last logged metrics."""
+          num_processes: int | None = None, process_id: int | None = None,
+          validate: Validate | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`; returns the last logged metrics.
+
+    validate: called every `train.eval_every` steps with the params and the mesh (required when
+    eval_every > 0); its metrics join that step's line."""
     # -- processes, config, database: every check before anything compiles ----------------
     distributed.maybe_initialize(coordinator, num_processes, process_id)
-    cfg = ModelConfig.from_dict(dict(config.model))
+    cfg = model_config(config)
     tc = config.train
+    if tc.eval_every and validate is None:
+        raise ValueError("train.eval_every > 0 needs a validate function (retro_jax.eval.run.make_validator; "
+                         "the retro-jax train verb passes one)")
     workdir_p = Path(workdir)
     workdir_p.mkdir(parents=True, exist_ok=True)
     db = Database.open(db_dir)
-    check_database(db, cfg)
+    db.check_model(cfg)
     retrieval = bool(tc.retrieval and cfg.is_retro)
     if freeze_decoder and not init_from:
         raise ValueError("--freeze-decoder needs --init-from BASELINE_WORKDIR (the decoder to freeze)")
-    mesh = make_mesh(**dict(config.mesh))
+    mesh = mesh_from_config(config.mesh)
     check_batch(tc.batch_size, mesh)
     loader = TrainLoader(db, "train", tc.seq_len, tc.batch_size, cfg.num_neighbours, tc.seed,
                          jax.process_index(), jax.process_count(), retrieval=retrieval,
@@ -99,16 +99,14 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
 
     # -- optimizer and state ---------------------------------------------------------------
     schedule = make_schedule(tc.lr_max, tc.warmup_steps, tc.steps, tc.lr_init, tc.lr_final_ratio)
-    abstract_params = retrofit.abstract_params(cfg, tc.seq_len)
-    mask = retrofit.trainable_mask(abstract_params) if freeze_decoder else None
+    mask = retrofit.trainable_mask(abstract_params(cfg)) if freeze_decoder else None
     optimizer = make_optimizer(schedule, tc.weight_decay, tc.clip_norm, tc.b1, tc.b2, trainable_mask=mask)
-    state, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(tc.seed), tc.seq_len)
+    state, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(tc.seed))
     ckpt = Checkpointer(workdir_p, max_to_keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)
     latest = ckpt.latest_step()
     if latest is not None:
-        _check_resume(ckpt.restore_config(latest), config)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state, data_state, _ = ckpt.restore(latest, abstract)
+        _check_resume(read_workdir_config(workdir_p).to_dict(), config)  # before reading any array
+        latest, state, data_state, _ = ckpt.restore_newest_readable(with_shardings(state, shardings))
         loader.restore(data_state)
         log.info("resumed from step %d in %s", latest, workdir_p)
         print(f"resuming from checkpoint {latest} in {workdir_p}", flush=True)
@@ -116,11 +114,12 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
         state = retrofit.init_from_baseline(state, shardings.params, cfg, init_from)
         print(f"decoder initialised from {init_from}" + (" and frozen" if freeze_decoder else ""), flush=True)
     # The database's tokenizer is recorded so that evaluation refuses a database built with another.
-    record = dict(config.to_dict(), data={"db": str(db_dir), "tokenizer_sha256": db.tokenizer_sha256})
-    (workdir_p / "config.json").write_text(json.dumps(record, indent=2))
+    config = config.copy_and_resolve_references()
+    config.data.update(db=str(db_dir), tokenizer_sha256=db.tokenizer_sha256)
+    if jax.process_index() == 0:
+        write_workdir_config(workdir_p, config)
 
     step_fn = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule)
-    eval_fn = make_sharded_eval_step(cfg, mesh, shardings.params) if tc.eval_every else None
 
     # -- the loop ----------------------------------------------------------------------------
     start = int(jax.device_get(state.step))
@@ -153,9 +152,8 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
                             skipped_steps=int(jax.device_get(state.skipped)),
                             tokens_per_s=len(host) * tc.batch_size * tc.seq_len / dt,
                             mfu=len(host) * model_flops / dt / peak)
-                if eval_fn is not None and step % tc.eval_every == 0:
-                    last.update(evaluate(state.params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size,
-                                         retrieval, tc.eval_batches))
+                if validate is not None and step % tc.eval_every == 0:
+                    last.update(validate(state.params, mesh))
                 writer.write(step, last)
                 window, t_window = [], time.perf_counter()
             bad = int(jax.device_get(state.bad_in_a_row)) if tc.max_bad_steps else 0
@@ -177,27 +175,3 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
         for s, h in handlers.items():
             signal.signal(s, h)
     return dict(last, step=step, workdir=str(workdir_p))
-
-
-def evaluate_workdir(workdir: str, db_dir: str, max_batches: int | None = None) -> dict[str, Any]:
-    """Validation loss of the latest checkpoint in `workdir` over the whole validation split
-    (every validation sequence once); for a RETRO model also with retrieval off."""
-    from retro_jax.train.checkpoint import restore_params_only
-
-    config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-    cfg, tc = ModelConfig.from_dict(dict(config.model)), config.train
-    db = Database.open(db_dir)
-    check_database(db, cfg)
-    mesh = make_mesh(**dict(config.mesh))
-    optimizer = make_optimizer(1.0)
-    _, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(0), tc.seq_len)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            retrofit.abstract_params(cfg, tc.seq_len), shardings.params)
-    params = restore_params_only(workdir, abstract)
-    eval_fn = make_sharded_eval_step(cfg, mesh, shardings.params)
-    out = evaluate(params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size, cfg.is_retro and tc.retrieval,
-                   max_batches)
-    if cfg.is_retro:
-        out["retrieval_off"] = evaluate(params, db, cfg, eval_fn, mesh, tc.seq_len, tc.batch_size, False,
-                                        max_batches)
-    return out

@@ -8,18 +8,15 @@ the baseline's logits exactly, and frozen weights get zero updates (bit-identica
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from retro_jax.config import ModelConfig
+from retro_jax.config import ModelConfig, model_config, read_workdir_config
 from retro_jax.model.count import is_retrieval_path
-from retro_jax.model.retro import Retro
-from retro_jax.train.checkpoint import restore_params_only
+from retro_jax.runtime.checkpoint import restore_params_only
+from retro_jax.runtime.state import with_shardings
 
 DECODER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff", "norm_eps",
                   "max_wavelength")
@@ -27,11 +24,6 @@ DECODER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim"
 
 def _path(keypath) -> tuple[str, ...]:
     return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in keypath)
-
-
-def abstract_params(cfg: ModelConfig, seq_len: int) -> Any:
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return nn.unbox(jax.eval_shape(lambda t: Retro(cfg).init(jax.random.key(0), t, None), tokens))["params"]
 
 
 def trainable_mask(params: Any) -> Any:
@@ -67,12 +59,9 @@ def merge(params: Any, decoder: dict) -> Any:
 
 def check_baseline(cfg: ModelConfig, baseline_workdir: str | Path) -> None:
     """The baseline run's decoder must have this model's decoder shape (clear error otherwise)."""
-    path = Path(baseline_workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--init-from {baseline_workdir}: no config.json; is it a retro-jax workdir?")
-    base = json.loads(path.read_text())["model"]
-    diffs = [f"{k}: baseline {base.get(k)!r} vs this model {getattr(cfg, k)!r}"
-             for k in DECODER_FIELDS if base.get(k) != getattr(cfg, k)]
+    base = model_config(read_workdir_config(baseline_workdir))
+    diffs = [f"{k}: baseline {getattr(base, k)!r} vs this model {getattr(cfg, k)!r}"
+             for k in DECODER_FIELDS if getattr(base, k) != getattr(cfg, k)]
     if diffs:
         raise ValueError("the baseline's decoder does not match this model's: " + "; ".join(diffs))
 
@@ -80,7 +69,5 @@ def check_baseline(cfg: ModelConfig, baseline_workdir: str | Path) -> None:
 def init_from_baseline(state: Any, param_shardings: Any, cfg: ModelConfig, baseline_workdir: str | Path) -> Any:
     """`state` with its decoder params replaced by the baseline's latest checkpoint (resharded)."""
     check_baseline(cfg, baseline_workdir)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state.params, param_shardings)
-    decoder = restore_params_only(baseline_workdir, split_decoder(target))
+    decoder = restore_params_only(baseline_workdir, split_decoder(with_shardings(state.params, param_shardings)))
     return state.replace(params=merge(state.params, decoder))

@@ -1,4 +1,4 @@
-"""Loss, optimizer, learning-rate schedule and the jitted train/eval steps.
+"""Loss, optimizer, learning-rate schedule and the jitted (sharded) train step.
 
 A batch is a dict of arrays:
   tokens     int32 [B, N]    inputs
@@ -14,38 +14,20 @@ or not; the optimizer (and so the schedule) has seen `step - skipped` updates.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from retro_jax.config import ModelConfig
-from retro_jax.model.retro import Retro
+from retro_jax.runtime.forward import token_nll
+from retro_jax.runtime.mesh import batch_sharding, on_mesh, replicated
+from retro_jax.runtime.state import TrainState
 
 LN2 = math.log(2.0)
-
-
-def _zero() -> jax.Array:
-    return jnp.zeros((), jnp.int32)
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # batches consumed
-    params: Any
-    opt_state: Any
-    skipped: jax.Array = dataclasses.field(default_factory=_zero)  # non-finite steps, in all
-    bad_in_a_row: jax.Array = dataclasses.field(default_factory=_zero)  # ... since the last good one
-
-    @classmethod
-    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
-        return cls(step=_zero(), params=params, opt_state=optimizer.init(params))
 
 
 # -- optimisation ------------------------------------------------------------------------
@@ -79,19 +61,12 @@ def make_optimizer(learning_rate: float | optax.Schedule = 2e-4, weight_decay: f
 
 # -- loss --------------------------------------------------------------------------------
 
-def cross_entropy(logits_BxNxV: jax.Array, targets_BxN: jax.Array,
-                  mask_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token losses in nats, number of counted tokens)."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV.astype(jnp.float32), targets_BxN)
-    mask = mask_BxN.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
 def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-    """Mean masked next-token loss (nats) and its metrics. Compute in cfg.dtype, loss in f32."""
-    logits = Retro(cfg).apply({"params": params}, batch["tokens"], batch.get("neighbours"))
-    total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    loss = total / jnp.maximum(count, 1.0)
+    """Mean masked next-token loss (nats) and its metrics: the runtime's forward, summed under the mask."""
+    nll = token_nll(params, batch["tokens"], batch["targets"], batch.get("neighbours"), cfg=cfg)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    count = jnp.sum(mask)
+    loss = jnp.sum(nll * mask) / jnp.maximum(count, 1.0)
     return loss, {"loss": loss, "bits_per_token": loss / LN2, "tokens": count}
 
 
@@ -121,27 +96,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, cfg: ModelConfig) -> dict:
-    return loss_fn(params, cfg, batch)[1]
-
-
-def _under_mesh(jitted: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """Call (and trace) `jitted` with the mesh set and the logical-axis rules active."""
-    from retro_jax.train.mesh import LOGICAL_AXIS_RULES  # mesh.py imports TrainState from here
-
-    @functools.wraps(jitted)
-    def call(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            return jitted(*args)
-
-    def lower(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            return jitted.lower(*args)
-
-    call.lower = lower
-    return call
-
-
 def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                             mesh: jax.sharding.Mesh, state_shardings: TrainState,
                             schedule: optax.Schedule | None = None) -> Callable:
@@ -149,20 +103,7 @@ def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransform
 
     Batches must be global arrays split over data x fsdp (`mesh.global_batch`); metrics come
     back replicated."""
-    from retro_jax.train.mesh import batch_sharding, replicated
-
     fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule)
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-    return _under_mesh(jitted, mesh)
-
-
-def make_sharded_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
-    """`evaluate(params, batch) -> metrics`: loss (mean over the batch's counted tokens), bits_per_token,
-    tokens; jitted with in/out shardings, metrics replicated."""
-    from retro_jax.train.mesh import batch_sharding, replicated
-
-    fn = functools.partial(eval_step, cfg=cfg)
-    jitted = jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh)),
-                     out_shardings=replicated(mesh))
-    return _under_mesh(jitted, mesh)
+    return on_mesh(jitted, mesh)

@@ -1,4 +1,4 @@
-"""The device mesh, the one table of logical-axis rules, sharded init and global batches.
+"""The device mesh, the one table of logical-axis rules, and global batches.
 
 Mesh axes (outermost first):
   data    pure data parallelism: parameters replicated, batch split
@@ -17,19 +17,14 @@ axes) raise `MeshError` with a readable message before anything is compiled.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-
-from retro_jax.config import ModelConfig
-from retro_jax.model.retro import Retro
-from retro_jax.train.step import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -75,6 +70,33 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                         f"{math.prod(shape)} devices, but there are {n}")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def mesh_from_config(mesh_config: Mapping[str, int], fallback: bool = False) -> Mesh:
+    """The mesh of a config's `mesh` section; with `fallback`, every device on the data axis when
+    that mesh does not fit the devices here (evaluating a run trained on another machine)."""
+    try:
+        return make_mesh(**dict(mesh_config))
+    except MeshError:
+        if not fallback:
+            raise
+        return make_mesh()
+
+
+def on_mesh(jitted: Callable, mesh: Mesh) -> Callable:
+    """`jitted`, called (and traced, and `.lower`ed) with the mesh set and the logical-axis rules active."""
+
+    @functools.wraps(jitted)
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -126,96 +148,3 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
             for k, v in local_batch.items()}
 
 
-# -- parameters and optimizer state ------------------------------------------------------
-
-def _abstract_boxed_params(cfg: ModelConfig, seq_len: int) -> Any:
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda t: Retro(cfg).init(jax.random.key(0), t, None), tokens)["params"]
-
-
-def logical_param_specs(cfg: ModelConfig, seq_len: int | None = None) -> Any:
-    """The parameter tree with each leaf's logical PartitionSpec, e.g. P('embed', 'mlp')."""
-    return nn.get_partition_spec(_abstract_boxed_params(cfg, seq_len or cfg.chunk_size))
-
-
-def param_specs(cfg: ModelConfig, seq_len: int | None = None) -> Any:
-    """The parameter tree with each leaf's mesh PartitionSpec under `LOGICAL_AXIS_RULES`."""
-    return nn.logical_to_mesh(logical_param_specs(cfg, seq_len), LOGICAL_AXIS_RULES)
-
-
-def _check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
-    for dim, axes in zip(shape, tuple(spec)):
-        if axes is None:
-            continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
-        ways = math.prod(mesh.shape[a] for a in names)
-        if dim % ways:
-            raise MeshError(f"parameter {path} of shape {shape} cannot be sharded as {spec}: "
-                            f"dimension {dim} is not divisible by {'x'.join(names)} = {ways}; "
-                            f"change the mesh or the model size")
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh, seq_len: int | None = None) -> Any:
-    """NamedShardings of the (unboxed) parameter tree; MeshError if a dimension does not divide."""
-    boxed = _abstract_boxed_params(cfg, seq_len or cfg.chunk_size)
-    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), LOGICAL_AXIS_RULES)
-    abstract = nn.unbox(boxed)
-    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
-                                  jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))):
-        _check_divisible(jax.tree_util.keystr(path), leaf.shape, spec, mesh)
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, P))
-
-
-def mirror_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for `tree` (e.g. an abstract optimizer state): a leaf whose key path ends with
-    a parameter's path and has that parameter's shape (Adam's mu/nu, masked or not) gets the
-    parameter's sharding; everything else (step counts, scalars) is replicated."""
-    by_path = {}
-    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                jax.tree_util.tree_leaves(shardings)):
-        by_path[tuple(map(str, path))] = (tuple(leaf.shape), sh)
-
-    def pick(path, leaf):
-        keys = tuple(map(str, path))
-        for i in range(len(keys)):
-            hit = by_path.get(keys[i:])
-            if hit is not None and hit[0] == tuple(leaf.shape):
-                return hit[1]
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def _init_fn(cfg: ModelConfig, optimizer: optax.GradientTransformation, seq_len: int):
-    def init(rng: jax.Array) -> TrainState:
-        tokens = jnp.zeros((1, seq_len), jnp.int32)
-        params = nn.unbox(Retro(cfg).init(rng, tokens, None))["params"]
-        return TrainState.create(params, optimizer)
-    return init
-
-
-def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    seq_len: int | None = None) -> TrainState:
-    """A TrainState of NamedShardings: params by the rules, optimizer state like its params."""
-    seq_len = seq_len or cfg.chunk_size
-    p_sh = param_shardings(cfg, mesh, seq_len)
-    abstract = jax.eval_shape(_init_fn(cfg, optimizer, seq_len), jax.random.key(0))
-    opt_sh = mirror_shardings(abstract.opt_state, abstract.params, p_sh, mesh)
-    rep = replicated(mesh)
-    return TrainState(step=rep, params=p_sh, opt_state=opt_sh, skipped=rep, bad_in_a_row=rep)
-
-
-def sharded_init(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                 rng: jax.Array, seq_len: int | None = None) -> tuple[TrainState, TrainState]:
-    """(TrainState of plain sharded jax.Arrays, its shardings), each array born on its shards.
-
-    The parameters equal `retro_jax.model.init_params(cfg, rng, seq_len)`."""
-    seq_len = seq_len or cfg.chunk_size
-    shardings = state_shardings(cfg, optimizer, mesh, seq_len)
-    init = _init_fn(cfg, optimizer, seq_len)
-    # The key travels as a numpy constant: valid on every process of a multi-host mesh.
-    impl, key_data = jax.random.key_impl(rng), np.asarray(jax.random.key_data(rng))
-    state = jax.jit(lambda: init(jax.random.wrap_key_data(key_data, impl=impl)),
-                    out_shardings=shardings)()
-    return state, shardings

@@ -1,0 +1,35 @@
+"""`make quickstart` end to end at a tiny size, exactly the path the Makefile runs (the embedded
+stdlib corpus, the real MiniLM embedder, both trainings, the evaluation report), so it cannot
+silently break; and a rerun skips what is complete and reproduces the same numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retro_jax.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "--steps", "3", "--max-chunks", "300", "--val-fraction", "0.2"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "RETRO [on] (k=2)" in printed and "bpb(alpha=0.125)" in printed  # the report's table
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert set(summary["bpb"]) == {"retro", "retro_off", "baseline"}
+    assert all(np.isfinite(v) and v > 0 for v in summary["bpb"].values())
+    assert summary["bpb"]["retro"] != summary["bpb"]["retro_off"]  # the neighbours reach the model
+    metrics = {name: (out / name / "metrics.jsonl").read_text() for name in ("retro", "baseline")}
+    assert all(json.loads(text.splitlines()[-1])["step"] == 3 for text in metrics.values())
+    assert (out / "retro" / "eval_validation_bpb_alpha.png").read_bytes()[:4] == b"\x89PNG"
+
+    built = {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()}
+    assert cli_main(argv) == 0  # the database and both runs are complete: only evaluation reruns
+    assert {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()} == built
+    assert {name: (out / name / "metrics.jsonl").read_text() for name in metrics} == metrics  # no step retrained
+    assert json.loads((out / "quickstart.json").read_text())["bpb"] == summary["bpb"]

@@ -139,7 +139,7 @@ def evaluate(workdir: str | Path, db_dir: str | Path, split: str = "validation",
 
     doc_ids = np.asarray(store.doc_ids)
     report.update({
-        "workdir": str(workdir), "db": str(db_dir), "split": split, "step": step,
+        "workdir": str(workdir), "db": str(db_dir), "split": split,
         "window": window, "stride": stride, "batch_size": batch_size,
         "alphas": [leakage.alpha_key(a) for a in leakage.ALPHAS],
         "alpha_counts": leakage.alpha_counts(any_scores.bytes_C, any_scores.tokens_C, r_C),

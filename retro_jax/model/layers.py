@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`):
   vocab, embed, heads, kv, mlp.
-One rules table (retro_jax/train/mesh.py) maps them to mesh axes; without a mesh they are
+One rules table (retro_jax/runtime/mesh.py) maps them to mesh axes; without a mesh they are
 plain arrays wrapped in `nn.Partitioned` boxes, which `apply` accepts as they are and
 `nn.unbox` strips.
 

@@ -56,6 +56,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import re
+
+    import jax
+
+    if m := re.fullmatch(r"cpu:(\d+)", args.topology):  # as many CPU devices as asked for, if JAX has not
+        try:                                                # started its CPU backend yet (in-process callers)
+            jax.config.update("jax_num_cpu_devices", max(int(m.group(1)), jax.config.jax_num_cpu_devices or 1))
+        except RuntimeError:
+            pass
+    from retro_jax.config import load_config
+    from retro_jax.train.plan import markdown, plan
+
+    flags = {"batch_size": args.batch, "seq_len": args.seq_len}
+    config = load_config(args.config, [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+                         + args.overrides)
+    report = plan(config, args.topology, mfu=args.mfu)
+    print(json.dumps(report) if args.json else markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retro-jax", description="RETRO in JAX/Flax.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -92,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train, overrides=[])
 
+    pl = sub.add_parser("plan", help="compile the training step ahead of time for a slice: memory per device, "
+                                     "whether it fits, FLOPs, estimated step time and days",
+                        epilog="Mesh and model fields are overridden as in train: --config.mesh.fsdp=64.")
+    pl.add_argument("--config", required=True, help="preset name, config file or workdir")
+    pl.add_argument("--topology", required=True,
+                    help="a Cloud TPU slice (v4-32, v5p-128, v5e-256; needs libtpu) or cpu:N")
+    pl.add_argument("--batch", type=int, help="global batch in sequences (train.batch_size)")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (train.seq_len)")
+    pl.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation (default 0.5)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=_plan, overrides=[])
+
     from retro_jax.retrieval import commands as db_commands
 
     db_commands.register(sub)  # build-db, db-info, db-check
@@ -105,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if not (args.verb == "train" and a.startswith("--config."))]
+    unknown = [a for a in extra if not (args.verb in ("train", "plan") and a.startswith("--config."))]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.verb == "train":
+    if args.verb in ("train", "plan"):
         args.overrides = extra
     try:
         return args.func(args)

@@ -39,7 +39,7 @@ from retro_jax.runtime.state import sharded_init, with_shardings
 from retro_jax.train import distributed, retrofit
 from retro_jax.train.loader import TrainLoader
 from retro_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from retro_jax.train.step import make_optimizer, make_schedule, make_sharded_train_step
+from retro_jax.train.step import make_sharded_train_step, optimizer_from_config
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,8 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
                          rows=local_batch_slice(tc.batch_size, mesh))
 
     # -- optimizer and state ---------------------------------------------------------------
-    schedule = make_schedule(tc.lr_max, tc.warmup_steps, tc.steps, tc.lr_init, tc.lr_final_ratio)
     mask = retrofit.trainable_mask(abstract_params(cfg)) if freeze_decoder else None
-    optimizer = make_optimizer(schedule, tc.weight_decay, tc.clip_norm, tc.b1, tc.b2, trainable_mask=mask)
+    optimizer, schedule = optimizer_from_config(tc, trainable_mask=mask)
     state, shardings = sharded_init(cfg, optimizer, mesh, jax.random.key(tc.seed))
     ckpt = Checkpointer(workdir_p, max_to_keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)
     latest = ckpt.latest_step()

@@ -59,6 +59,14 @@ def make_optimizer(learning_rate: float | optax.Schedule = 2e-4, weight_decay: f
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
+def optimizer_from_config(train: Any, trainable_mask: Any | None = None
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule) of a config's `train` section: what `train` and `plan` both run."""
+    schedule = make_schedule(train.lr_max, train.warmup_steps, train.steps, train.lr_init, train.lr_final_ratio)
+    return make_optimizer(schedule, train.weight_decay, train.clip_norm, train.b1, train.b2,
+                          trainable_mask=trainable_mask), schedule
+
+
 # -- loss --------------------------------------------------------------------------------
 
 def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:

@@ -60,6 +60,14 @@ class ModelConfig:
     enc_head_dim: int = 64
     enc_d_ff: int = 3584
     enc_cross_layers: tuple[int, ...] = (1,)  # 1-indexed encoder layers that attend to the chunk
+    # Layers run as: layers 1..scan_start unrolled (the first CCA layer, which runs the encoder,
+    # among them), then nn.scan over blocks of scan_period identical layers, then the rest
+    # unrolled. A RETRO model and its baseline share these, so their trees still differ only by
+    # the retrieval weights. remat_policy: none | dots (save matmul outputs) | full (save nothing).
+    scan_layers: bool = False
+    scan_start: int = 6
+    scan_period: int = 3
+    remat_policy: str = "none"
     # Numerics.
     dtype: str = "float32"  # compute dtype; parameters are always float32
     norm_eps: float = 1e-6
@@ -83,6 +91,23 @@ class ModelConfig:
                       "chunk_size", "num_neighbours"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.remat_policy not in ("none", "dots", "full"):
+            raise ValueError(f"remat_policy must be none, dots or full, got {self.remat_policy!r}")
+        if self.scan_layers:
+            self._check_scan()
+
+    def _check_scan(self) -> None:
+        s, p, cca = self.scan_start, self.scan_period, self.cca_layers
+        if not (1 <= s <= self.num_layers and p >= 1):
+            raise ValueError(f"scan_start {s} must be in 1..num_layers={self.num_layers}, scan_period {p} >= 1")
+        if cca and min(cca) > s:
+            raise ValueError(f"the first CCA layer {min(cca)} runs the encoder and must be unrolled: "
+                             f"scan_start {s} must be >= it")
+        _, n, _ = self.layer_groups
+        offsets = [tuple(a for a in range(1, p + 1) if s + j * p + a in cca) for j in range(n)]
+        if len(set(offsets)) > 1:
+            raise ValueError(f"cca_layers {cca} do not repeat every scan_period={p} layers after layer {s}, "
+                             "so the blocks cannot be scanned")
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -93,6 +118,16 @@ class ModelConfig:
     def neighbour_len(self) -> int:
         """r = 2m: the neighbour chunk N followed by its continuation F."""
         return 2 * self.chunk_size
+
+    @property
+    def layer_groups(self) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+        """(unrolled leading layers, number of scanned blocks of scan_period layers, unrolled
+        trailing layers), 1-indexed; everything unrolled when scan_layers is off."""
+        if not self.scan_layers:
+            return tuple(range(1, self.num_layers + 1)), 0, ()
+        s, p = self.scan_start, self.scan_period
+        n = (self.num_layers - s) // p
+        return tuple(range(1, s + 1)), n, tuple(range(s + n * p + 1, self.num_layers + 1))
 
     @property
     def attn_width(self) -> int:
@@ -134,7 +169,7 @@ def default_config() -> ml_collections.ConfigDict:
         "train": dict(seq_len=2048, batch_size=256, steps=100_000, lr_max=2e-4, lr_init=1e-7,
                       warmup_steps=750, lr_final_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9,
                       b2=0.95, seed=0, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
-                      max_bad_steps=10, retrieval=True, eval_every=0, eval_batches=8),
+                      max_bad_steps=10, retrieval=True, eval_every=0, eval_batches=8, microbatches=1),
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # -1 fills with the remaining devices
         "eval": {"window": 2048, "stride": 1024, "batch_size": 8},  # the paper's 2048 / 1024
         "data": {"db": "", "tokenizer_sha256": ""},
@@ -167,9 +202,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          f"missing keys {sorted(want - got)}")
     model_config(config)  # ModelConfig's own checks
     t = config.train
-    for key in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every"):
+    for key in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "microbatches"):
         if t[key] <= 0:
             raise ValueError(f"train.{key} must be positive, got {t[key]}")
+    if t.batch_size % t.microbatches:
+        raise ValueError(f"train.batch_size {t.batch_size} does not split into train.microbatches={t.microbatches}")
     return config
 
 

@@ -44,6 +44,16 @@ def test_plan_reports_the_bytes_the_sharded_state_and_batch_occupy():
     assert 0.8 < report["flops_per_step"] / report["model_flops_per_step"] < 1.2
 
 
+def test_microbatches_and_rematerialised_scanned_layers_cut_the_memory_plan_reports():
+    """The same step, batch and mesh: gradient accumulation and full remat need fewer temporaries."""
+    base = ["model.num_layers=6", "model.cca_layers=(2,4,6)", "train.batch_size=16", "train.seq_len=256",
+            "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.vocab_size=512"]
+    temp = {name: plan(load_config("tiny", base + extra), "cpu:8")["bytes_per_device"]["temp"]
+            for name, extra in [("plain", []), ("microbatches", ["train.microbatches=4"]),
+                                ("scan+remat", ["model.scan_layers=True", "model.remat_policy=full"])]}
+    assert temp["microbatches"] < temp["plain"] and temp["scan+remat"] < temp["plain"], temp
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--topology", "cpu:8", "--config.mesh.data=3"], "devices"),
     (["--topology", "cpu:4", "--batch", "6", "--config.mesh.data=2", "--config.mesh.fsdp=2"], "batch 6"),

@@ -143,3 +143,20 @@ def test_sharded_forward_matches_one_device(reference):
     want = make_nll_fn(cfg, reference["final"])(*args)
     assert got.shape == batch["tokens"].shape and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_gradient_accumulation_gives_the_whole_batch_update(reference, microbatches):
+    """train.microbatches: the same losses and parameters as one pass over the whole batch
+    (float32, same tolerances as sharding: only the order of the sums differs)."""
+    cfg, (opt, schedule) = setup.cfg(), setup.optimizer()
+    state = TrainState.create(jax.device_put(reference["init"]), opt)
+    step = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=opt, schedule=schedule,
+                                     microbatches=microbatches))
+    losses = []
+    for b in setup.batches():
+        state, m = step(state, b)
+        losses.append(float(m["loss"]))
+        assert int(m["tokens"]) == setup.BATCH * setup.SEQ
+    np.testing.assert_allclose(losses, [float(m["loss"]) for m in reference["metrics"]], rtol=LOSS_RTOL)
+    _assert_params_close(jax.device_get(state.params), reference["final"], reference["init"])

@@ -37,7 +37,7 @@ TRAIN = ["train.seq_len=128", "train.batch_size=4", "train.warmup_steps=2", "tra
 
 def config(*extra: str, preset: str = "tiny"):
     baseline = ["model.cca_layers=()"] if preset.endswith("baseline") else []
-    return apply_overrides(load_config(preset), MODEL + baseline + TRAIN + list(extra))
+    return apply_overrides(load_config(preset), MODEL + list(extra) + baseline + TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,19 @@ def test_sigkill_then_same_command_resumes_bit_for_bit(db, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_off(db, tmp_path):
+# Scanned and rematerialised: 4 layers, CCA in 2 and 4, layers 1-2 unrolled and one scanned block.
+SCAN = ["model.num_layers=4", "model.cca_layers=(2,4)", "model.scan_layers=True", "model.remat_policy=full"]
+
+
+@pytest.mark.parametrize("layers", [[], SCAN], ids=["unrolled", "scanned"])
+def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_off(db, tmp_path, layers):
     base_dir, retro_dir = tmp_path / "baseline", tmp_path / "retrofit"
-    train(config("train.steps=4", "train.lr_max=3e-3", preset="tiny-baseline"), db, str(base_dir), progress=False)
-    train(config("train.steps=4", "train.lr_max=3e-3"), db, str(retro_dir), init_from=str(base_dir),
+    train(config("train.steps=4", "train.lr_max=3e-3", *layers, preset="tiny-baseline"), db, str(base_dir),
+          progress=False)
+    train(config("train.steps=4", "train.lr_max=3e-3", *layers), db, str(retro_dir), init_from=str(base_dir),
           freeze_decoder=True, progress=False)
-    retro_cfg = ModelConfig.from_dict(dict(config().model))
-    base_cfg = ModelConfig.from_dict(dict(config(preset="tiny-baseline").model))
+    retro_cfg = ModelConfig.from_dict(dict(config(*layers).model))
+    base_cfg = ModelConfig.from_dict(dict(config(*layers, preset="tiny-baseline").model))
     base = restore_params_only(base_dir, abstract_params(base_cfg))
     retro = restore_params_only(retro_dir, abstract_params(retro_cfg))
     frozen = retrofit.split_decoder(retro)

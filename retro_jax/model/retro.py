@@ -54,6 +54,37 @@ class DecoderLayer(nn.Module):
     def feed_forward(self, h_BxNxD: jax.Array) -> jax.Array:
         return h_BxNxD + self.ffw(self.ffw_norm(h_BxNxD))
 
+    def __call__(self, x_BxNxD: jax.Array, e: jax.Array | None, valid: jax.Array | None) -> jax.Array:
+        """The whole layer, for layers that do not run the encoder (e: its output, or None)."""
+        h = self.self_attention(x_BxNxD)
+        if self.has_cca and e is not None:
+            h = self.cross_attention(h, e, valid)
+        return nn.with_logical_constraint(self.feed_forward(h), ("batch", "length", "embed"))
+
+
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def remat(module: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
+    """`module` rematerialised under cfg.remat_policy (unchanged for `none`)."""
+    if cfg.remat_policy == "none":
+        return module
+    return nn.remat(module, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class Block(nn.Module):
+    """scan_period consecutive decoder layers: the body of the scan over the repeating blocks."""
+
+    cfg: ModelConfig
+    cca_offsets: tuple[int, ...]  # 1-indexed positions in the block that hold CCA
+
+    @nn.compact
+    def __call__(self, x_BxNxD: jax.Array, e: jax.Array | None, valid: jax.Array | None):
+        for a in range(1, self.cfg.scan_period + 1):
+            x_BxNxD = DecoderLayer(self.cfg, has_cca=a in self.cca_offsets, name=f"layer_{a}")(x_BxNxD, e, valid)
+        return x_BxNxD, None
+
 
 class Retro(nn.Module):
     """`Retro(cfg).apply(variables, tokens, neighbours) -> logits`.
@@ -91,15 +122,25 @@ class Retro(nn.Module):
         x = nn.with_logical_constraint(embed(tokens_BxNp), ("batch", "length", "embed"))
 
         e = valid = None
-        for i in range(1, cfg.num_layers + 1):
-            layer = DecoderLayer(cfg, has_cca=i in cfg.cca_layers, name=f"layer_{i}")
-            h = layer.self_attention(x)
-            if i in cfg.cca_layers and neighbours_BxLxKxR is not None:
-                if e is None:
-                    e, valid = Encoder(cfg, name="encoder")(
-                        neighbours_BxLxKxR, h.reshape(b, l, m, cfg.d_model))
-                h = layer.cross_attention(h, e, valid)
-            x = nn.with_logical_constraint(layer.feed_forward(h), ("batch", "length", "embed"))
+        first, n_blocks, last = cfg.layer_groups
+        blocks = nn.scan(  # the repeating blocks, parameters stacked on a leading `layers` axis
+            remat(Block, cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast), length=n_blocks, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, tuple(a for a in range(1, cfg.scan_period + 1) if cfg.scan_start + a in cfg.cca_layers),
+          name="blocks") if n_blocks else None
+        for i in (*first, *last):
+            if blocks is not None and last and i == last[0]:  # the scanned blocks come between the two runs
+                x = blocks(x, e, valid)[0]
+            if e is None and i in cfg.cca_layers and neighbours_BxLxKxR is not None:  # runs the encoder
+                layer = DecoderLayer(cfg, has_cca=True, name=f"layer_{i}")
+                h = layer.self_attention(x)
+                e, valid = Encoder(cfg, name="encoder")(neighbours_BxLxKxR, h.reshape(b, l, m, cfg.d_model))
+                x = nn.with_logical_constraint(layer.feed_forward(layer.cross_attention(h, e, valid)),
+                                               ("batch", "length", "embed"))
+            else:
+                x = remat(DecoderLayer, cfg)(cfg, has_cca=i in cfg.cca_layers, name=f"layer_{i}")(x, e, valid)
+        if blocks is not None and not last:
+            x = blocks(x, e, valid)[0]
 
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
         unembed = param(self, "unembed", nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),

@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked axis of scanned layers: every device holds every layer's shard
 )
 
 

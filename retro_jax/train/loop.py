@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resume; everything else must match.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-                     "eval_every", "eval_batches"}
+                     "eval_every", "eval_batches", "microbatches"}
 # (params, mesh) -> validation metrics, e.g. {"val_bpb": ..., "val_loss": ...}
 Validate = Callable[[Any, jax.sharding.Mesh], dict[str, float]]
 
@@ -92,7 +92,7 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     if freeze_decoder and not init_from:
         raise ValueError("--freeze-decoder needs --init-from BASELINE_WORKDIR (the decoder to freeze)")
     mesh = mesh_from_config(config.mesh)
-    check_batch(tc.batch_size, mesh)
+    check_batch(tc.batch_size // tc.microbatches, mesh)  # every microbatch splits over data x fsdp
     loader = TrainLoader(db, "train", tc.seq_len, tc.batch_size, cfg.num_neighbours, tc.seed,
                          jax.process_index(), jax.process_count(), retrieval=retrieval,
                          rows=local_batch_slice(tc.batch_size, mesh))
@@ -118,7 +118,7 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     if jax.process_index() == 0:
         write_workdir_config(workdir_p, config)
 
-    step_fn = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule)
+    step_fn = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule, tc.microbatches)
 
     # -- the loop ----------------------------------------------------------------------------
     start = int(jax.device_get(state.step))

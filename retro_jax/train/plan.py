@@ -109,7 +109,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
     cfg, tc = model_config(config), config.train
     topo = topology(topology_name)
     mesh = make_mesh(**dict(config.mesh), devices=topo.devices)
-    check_batch(tc.batch_size, mesh)
+    check_batch(tc.batch_size // tc.microbatches, mesh)  # every microbatch splits over data x fsdp
     if tc.seq_len % cfg.chunk_size:
         raise ValueError(f"train.seq_len {tc.seq_len} must be a multiple of the chunk size {cfg.chunk_size}")
     optimizer, schedule = optimizer_from_config(tc)
@@ -123,7 +123,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
     if cfg.is_retro and tc.retrieval:
         batch["neighbours"] = jax.ShapeDtypeStruct((b, n // cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len),
                                                    jnp.int32, sharding=sh)
-    step = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule)
+    step = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule, tc.microbatches)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

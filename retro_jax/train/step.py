@@ -69,25 +69,58 @@ def optimizer_from_config(train: Any, trainable_mask: Any | None = None
 
 # -- loss --------------------------------------------------------------------------------
 
-def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-    """Mean masked next-token loss (nats) and its metrics: the runtime's forward, summed under the mask."""
+def _masked_sum(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(sum of the masked token losses in nats, number of counted tokens): the runtime's forward."""
     nll = token_nll(params, batch["tokens"], batch["targets"], batch.get("neighbours"), cfg=cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
-    count = jnp.sum(mask)
-    loss = jnp.sum(nll * mask) / jnp.maximum(count, 1.0)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _metrics(total: jax.Array, count: jax.Array) -> tuple[jax.Array, dict]:
+    loss = total / jnp.maximum(count, 1.0)
     return loss, {"loss": loss, "bits_per_token": loss / LN2, "tokens": count}
+
+
+def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Mean masked next-token loss (nats) over the batch's counted tokens, and its metrics."""
+    return _metrics(*_masked_sum(params, cfg, batch))
+
+
+def loss_and_grads(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array],
+                   microbatches: int = 1) -> tuple[tuple[jax.Array, dict], Any]:
+    """((loss, metrics), grads) of `loss_fn` on the whole batch. With microbatches > 1 the batch
+    is cut into that many microbatches (rows i, i+M, i+2M, ...: each keeps its share on every
+    device), run one after the other under lax.scan, and their summed losses and gradients are
+    divided by the whole batch's token count: the same update as one pass, in less memory."""
+    if microbatches == 1:
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, cfg, batch)
+    b = batch["tokens"].shape[0]
+    if b % microbatches:
+        raise ValueError(f"batch {b} does not split into {microbatches} microbatches")
+    split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // microbatches, microbatches, *x.shape[1:]), 0, 1),
+                         batch)
+
+    def accumulate(carry, micro):
+        (total, count), grads = carry
+        (t, c), g = jax.value_and_grad(_masked_sum, has_aux=True)(params, cfg, micro)
+        return ((total + t, count + c), jax.tree.map(jnp.add, grads, g)), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    ((total, count), grads), _ = jax.lax.scan(accumulate, (zero, jax.tree.map(jnp.zeros_like, params)), split)
+    return _metrics(total, count), jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
 
 
 # -- steps -------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
-               optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
-    """One forward + backward + optimizer update, skipped if the loss or gradients are not finite.
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+               microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One forward + backward (over `microbatches` microbatches) + optimizer update, skipped if the
+    loss or gradients are not finite.
 
     Metrics: loss, bits_per_token, tokens, grad_norm (before clipping), skipped (0/1) and,
     given the optimizer's `schedule`, learning_rate (the rate this step used)."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch)
+    (loss, metrics), grads = loss_and_grads(state.params, cfg, batch, microbatches)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -106,12 +139,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
 
 def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                             mesh: jax.sharding.Mesh, state_shardings: TrainState,
-                            schedule: optax.Schedule | None = None) -> Callable:
+                            schedule: optax.Schedule | None = None, microbatches: int = 1) -> Callable:
     """`step(state, batch) -> (state, metrics)`: jitted with in/out shardings, the state donated.
 
     Batches must be global arrays split over data x fsdp (`mesh.global_batch`); metrics come
     back replicated."""
-    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule)
+    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, microbatches=microbatches)
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
     return on_mesh(jitted, mesh)

@@ -9,6 +9,7 @@ bf16 peak. XLA's own FLOP count of the compiled step is printed beside the analy
 
     python bench/gpu_train_step.py [--configs retro-172m,baseline-132m] [--seq-len 2048]
                                    [--batches 16,8,4,2,1] [--steps 10] [--json OUT.json]
+                                   [--scan-layers] [--remat-policy none|dots|full]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +62,8 @@ def compile_step(cfg, batch: int, seq: int):
     return compiled, state, data, float((cost or {}).get("flops", float("nan"))), need, compile_s
 
 
-def bench(name: str, seq: int, batches: list[int], steps: int, device) -> dict:
-    cfg = model_config(name).replace(dtype="bfloat16")
+def bench(name: str, seq: int, batches: list[int], steps: int, device, **model: Any) -> dict:
+    cfg = model_config(name).replace(dtype="bfloat16", **model)
     capacity = (device.memory_stats() or {}).get("bytes_limit", float("inf"))
     for batch in batches:
         compiled, state, data, xla_flops, need, compile_s = compile_step(cfg, batch, seq)
@@ -85,7 +87,8 @@ def bench(name: str, seq: int, batches: list[int], steps: int, device) -> dict:
     t = float(np.median(times))
     tokens = batch * seq
     model_flops = flops_per_token(cfg, seq) * tokens
-    return {"config": name, "dtype": cfg.dtype, "batch": batch, "seq_len": seq, "step_s": t,
+    return {"config": name, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat_policy": cfg.remat_policy,
+            "batch": batch, "seq_len": seq, "step_s": t,
             "tokens_per_s": tokens / t, "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
             "model_flop_s": model_flops / t, "peak_flop_s": peak_flops(device),
             "mfu": model_flops / t / peak_flops(device), "memory_gib": need / 2**30,
@@ -98,17 +101,21 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batches", default="16,8,4,2,1", help="batch sizes to try, largest first")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--scan-layers", action="store_true", help="scanned decoder layers (model.scan_layers)")
+    ap.add_argument("--remat-policy", default="none", choices=("none", "dots", "full"))
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, bf16 peak "
           f"{peak_flops(device) / 1e12:.0f} TFLOP/s (datasheet, dense)\n", flush=True)
     rows = []
+    print(f"layers: {'scanned' if args.scan_layers else 'unrolled'}, remat {args.remat_policy}")
     print("| config | batch x seq | step (ms) | tokens/s | model TFLOP/step | XLA TFLOP/step | TFLOP/s | MFU | "
           "memory (GiB) | compile (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.configs.split(","):
-        r = bench(name, args.seq_len, [int(b) for b in args.batches.split(",")], args.steps, device)
+        r = bench(name, args.seq_len, [int(b) for b in args.batches.split(",")], args.steps, device,
+                  scan_layers=args.scan_layers, remat_policy=args.remat_policy)
         rows.append(r)
         print(f"| {name} | {r['batch']}x{r['seq_len']} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | "
               f"{r['model_flops_per_step'] / 1e12:.2f} | {r['xla_flops_per_step'] / 1e12:.2f} | "

@@ -91,3 +91,21 @@ def test_scanned_model_is_causal():
 def test_layouts_that_cannot_scan_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         CFG.replace(scan_layers=True, **change)
+
+
+def test_scanned_params_shard_on_one_mesh_and_restore_bitwise_onto_another(tmp_path):
+    from retro_jax.runtime.checkpoint import Checkpointer
+    from retro_jax.runtime.mesh import make_mesh
+    from retro_jax.runtime.state import restore_params, sharded_init
+    from retro_jax.train.step import make_optimizer
+
+    cfg = CFG.replace(scan_layers=True, remat_policy="dots")
+    state, shardings = sharded_init(cfg, make_optimizer(1e-3), make_mesh(2, 2, 2), jax.random.key(0))
+    wi = state.params["blocks"]["layer_1"]["ffw"]["wi"]
+    assert wi.shape[0] == 2 and wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {}, {}, force=True)
+    restored = restore_params(tmp_path, cfg, make_mesh(8, 1, 1))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.params)):
+        assert len(a.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -10,6 +10,10 @@ The parameter tree of a RETRO model is its baseline's tree plus `encoder` and th
 `cca_norm`/`cca` entries of the CCA layers; removing those gives the baseline exactly, and
 with retrieval off (neighbours=None) the two compute the same logits. That is what makes
 retrofitting possible.
+
+With cfg.scan_layers the layers after scan_start run under nn.scan in blocks of scan_period
+identical layers (see ModelConfig.layer_groups; model/layout.py converts the parameter layouts),
+and cfg.remat_policy rematerialises every layer but the one that runs the encoder.
 """
 
 from __future__ import annotations

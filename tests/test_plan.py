@@ -12,9 +12,8 @@ import pytest
 
 from retro_jax.cli import main as cli_main
 from retro_jax.config import load_config, model_config
-from retro_jax.model import abstract_params
 from retro_jax.runtime.mesh import make_mesh
-from retro_jax.runtime.state import TrainState, state_shardings
+from retro_jax.runtime.state import abstract_state, state_shardings
 from retro_jax.train.plan import chip_grid, plan, topology
 from retro_jax.train.step import optimizer_from_config
 
@@ -35,7 +34,7 @@ def test_plan_reports_the_bytes_the_sharded_state_and_batch_occupy():
     cfg, mesh = model_config(config), make_mesh(2, 2, 2, devices=jax.devices()[:8])
     optimizer, _ = optimizer_from_config(config.train)
     shardings = state_shardings(cfg, optimizer, mesh)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), abstract_params(cfg))
+    state = abstract_state(cfg, optimizer)
     want = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
     want += (8 // 4) * 128 * 4 * 3 + (8 // 4) * (128 // 64) * 2 * 128 * 4  # tokens, targets, mask; neighbours

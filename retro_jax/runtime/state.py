@@ -90,10 +90,15 @@ def mirror_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation) -> TrainState:
+    """The TrainState as ShapeDtypeStructs (nothing allocated), from the one abstract parameter tree."""
+    return jax.eval_shape(lambda p: TrainState.create(p, optimizer), abstract_params(cfg))
+
+
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """A TrainState of NamedShardings: params by the rules, optimizer state like its params."""
-    params, p_sh, rep = abstract_params(cfg), param_shardings(cfg, mesh), replicated(mesh)
-    opt_state = mirror_shardings(jax.eval_shape(optimizer.init, params), params, p_sh, mesh)
+    state, p_sh, rep = abstract_state(cfg, optimizer), param_shardings(cfg, mesh), replicated(mesh)
+    opt_state = mirror_shardings(state.opt_state, state.params, p_sh, mesh)
     return TrainState(step=rep, params=p_sh, opt_state=opt_state, skipped=rep, bad_in_a_row=rep)
 
 

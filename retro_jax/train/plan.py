@@ -29,10 +29,9 @@ import ml_collections
 import psutil
 
 from retro_jax.config import model_config
-from retro_jax.model import abstract_params
 from retro_jax.model.count import flops_per_token
 from retro_jax.runtime.mesh import batch_sharding, check_batch, make_mesh
-from retro_jax.runtime.state import TrainState, state_shardings, with_shardings
+from retro_jax.runtime.state import abstract_state, state_shardings, with_shardings
 from retro_jax.train.step import make_sharded_train_step, optimizer_from_config
 
 PAPER_TOKENS = 419.4e9  # the paper's training budget (§C.1)
@@ -114,8 +113,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
         raise ValueError(f"train.seq_len {tc.seq_len} must be a multiple of the chunk size {cfg.chunk_size}")
     optimizer, schedule = optimizer_from_config(tc)
     shardings = state_shardings(cfg, optimizer, mesh)  # MeshError if a parameter does not divide
-    state = with_shardings(jax.eval_shape(lambda p: TrainState.create(p, optimizer), abstract_params(cfg)),
-                           shardings)
+    state = with_shardings(abstract_state(cfg, optimizer), shardings)
     b, n, sh = tc.batch_size, tc.seq_len, batch_sharding(mesh)
     batch = {"tokens": jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=sh),
              "targets": jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=sh),

@@ -34,16 +34,21 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, **train_flags):
+    """--config with the verb's first-class train.* flags (those given), then --config.a.b=v overrides."""
     from retro_jax.config import load_config
+
+    return load_config(args.config, [f"train.{k}={v}" for k, v in train_flags.items() if v is not None]
+                       + args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
     from retro_jax.eval.run import make_validator
     from retro_jax.retrieval.database import Database
     from retro_jax.train.loop import TrainingError, train
 
-    flags = {"steps": args.steps, "checkpoint_every": args.checkpoint_every,
-             "log_every": args.log_every, "seed": args.seed}
-    config = load_config(args.config, [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-                         + args.overrides)
+    config = _load(args, steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                   seed=args.seed)
     validate = make_validator(config, Database.open(args.db)) if config.train.eval_every else None
     try:
         out = train(config, args.db, args.workdir, init_from=args.init_from, freeze_decoder=args.freeze_decoder,
@@ -66,12 +71,9 @@ def _plan(args: argparse.Namespace) -> int:
             jax.config.update("jax_num_cpu_devices", max(int(m.group(1)), jax.config.jax_num_cpu_devices or 1))
         except RuntimeError:
             pass
-    from retro_jax.config import load_config
     from retro_jax.train.plan import markdown, plan
 
-    flags = {"batch_size": args.batch, "seq_len": args.seq_len}
-    config = load_config(args.config, [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-                         + args.overrides)
+    config = _load(args, batch_size=args.batch, seq_len=args.seq_len)
     report = plan(config, args.topology, mfu=args.mfu)
     print(json.dumps(report) if args.json else markdown(report))
     return 0

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     from retro_jax.eval import run as eval_run
 
     eval_run.register(sub)  # eval
+
+    from retro_jax.infer import commands as infer_commands
+
+    infer_commands.register(sub)  # export, generate
     return p
 
 

@@ -241,6 +241,19 @@ class Checkpointer:
         self.close()
 
 
+def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
+    """The steps of a workdir's checkpoints, oldest first (none: [])."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        return []
+    _quiet_orbax()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def restore_params_only(workdir: str | os.PathLike[str], abstract_params: Any,
                         step: int | None = None) -> Any:
     """The `params` subtree of checkpoint `step` (None: the latest) of `workdir`, nothing else.

@@ -1,0 +1,1 @@
+"""Inference: export trained parameters, load them, generate text with live retrieval."""

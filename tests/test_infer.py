@@ -1,0 +1,194 @@
+"""Export -> load_exported round trips exactly and refuses damaged folders; generation decodes
+what the full forward pass would, reads the neighbours of completed chunks, and refuses a database
+built with another tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.flax import load_file, save_file
+
+from _db_helpers import shared
+from retro_jax.cli import main as cli_main
+from retro_jax.config import apply_overrides, load_config, model_config
+from retro_jax.infer.export import ExportError, export, load_exported
+from retro_jax.infer.generate import Generator
+from retro_jax.model import abstract_params
+from retro_jax.model.layout import unstack_layers
+from retro_jax.model.retro import Retro
+from retro_jax.retrieval.database import DatabaseMismatchError
+from retro_jax.runtime.checkpoint import restore_params_only
+from retro_jax.train.loop import train
+
+# A small RETRO over the test database (chunk 32), 4 layers with the last two under nn.scan,
+# trained sharded over 8 fake devices (2x2x2): export must unstack and gather.
+OVERRIDES = ["model.vocab_size=512", "model.chunk_size=32", "model.d_model=64", "model.num_layers=4",
+             "model.cca_layers=(2,4)", "model.num_heads=2", "model.d_ff=128", "model.enc_d_model=32",
+             "model.enc_num_heads=2", "model.enc_head_dim=16", "model.enc_d_ff=64", "model.enc_num_layers=1",
+             "model.scan_layers=True", "model.scan_start=2", "model.scan_period=2",
+             "train.seq_len=128", "train.batch_size=4", "train.warmup_steps=2", "train.steps=3",
+             "train.checkpoint_every=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    db = str(shared(tmp_path_factory)["db"])
+    workdir = tmp_path_factory.mktemp("infer") / "w"
+    config = apply_overrides(load_config("tiny"), OVERRIDES)
+    train(config, db, str(workdir), progress=False)
+    out = export(workdir, workdir.parent / "export")
+    return {"db": db, "workdir": workdir, "export": out, "cfg": model_config(config)}
+
+
+def test_export_round_trip_is_exact_and_unrolled(trained):
+    cfg = trained["cfg"]
+    restored = unstack_layers(jax.device_get(restore_params_only(trained["workdir"], abstract_params(cfg))), cfg)
+    loaded_cfg, loaded = load_exported(trained["export"])
+    assert loaded_cfg == dataclasses.replace(cfg, scan_layers=False)
+    assert "blocks" not in loaded and {"layer_3", "layer_4"} <= set(loaded)
+    assert jax.tree.structure(loaded) == jax.tree.structure(restored)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(restored)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    # the exported (unrolled) params compute what the trained (scanned) model computes
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 70), dtype=np.int32)
+    np.testing.assert_allclose(np.asarray(Retro(loaded_cfg).apply({"params": loaded}, tokens)),
+                               np.asarray(Retro(cfg).apply({"params": jax.device_get(
+                                   restore_params_only(trained["workdir"], abstract_params(cfg)))}, tokens)),
+                               atol=1e-5, rtol=1e-5)
+    meta = json.loads((trained["export"] / "config.json").read_text())
+    assert meta["step"] == 3 and meta["database"]["tokenizer_sha256"]
+    assert (trained["export"] / "tokenizer.model").is_file() and (trained["export"] / "README.md").is_file()
+
+
+def test_bfloat16_export_is_the_cast_of_the_float32_one(trained, tmp_path):
+    out = export(trained["workdir"], tmp_path / "bf16", dtype="bfloat16")
+    _, p32 = load_exported(trained["export"])
+    _, p16 = load_exported(out)
+    for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
+        assert str(b.dtype) == "bfloat16" and np.array_equal(np.asarray(a.astype(b.dtype)), np.asarray(b))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_or_mismatched_exports_are_refused_with_a_clear_error(trained, tmp_path):
+    src = trained["export"]
+    cut = _copy(src, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ExportError, match="truncated"):
+        load_exported(cut)
+
+    renamed = _copy(src, tmp_path / "renamed")
+    t = load_file(str(renamed / "model.safetensors"))
+    t["layer_1.attn.wq_renamed"] = t.pop("layer_1.attn.wq")
+    save_file(t, str(renamed / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"missing tensors \['layer_1.attn.wq'\].*unexpected.*wq_renamed"):
+        load_exported(renamed)
+
+    extra = _copy(src, tmp_path / "extra")
+    t = load_file(str(extra / "model.safetensors"))
+    t["layer_9.attn.wq"] = t["layer_1.attn.wq"]
+    save_file(t, str(extra / "model.safetensors"))
+    with pytest.raises(ExportError, match="unexpected tensors.*layer_9"):
+        load_exported(extra)
+
+    wider = _copy(src, tmp_path / "wider")
+    meta = json.loads((wider / "config.json").read_text())
+    meta["model"]["d_ff"] = 256
+    (wider / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"ffw.wi is float32\[64, 128\], the config needs float32\[64, 256\]"):
+        load_exported(wider)
+
+    unfinished = _copy(src, tmp_path / "unfinished")
+    (unfinished / "config.json").unlink()
+    with pytest.raises(ExportError, match="no config.json"):
+        load_exported(unfinished)
+
+
+def test_loading_never_unpickles(trained, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("pickle used on the load path")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    load_exported(trained["export"])
+
+
+@pytest.fixture(scope="module")
+def generator(trained) -> Generator:
+    return Generator(trained["export"], trained["db"])
+
+
+def _full_forward_argmax(gen: Generator, tokens: list[int]) -> np.ndarray:
+    """Greedy next tokens of the full forward pass over `tokens`, the neighbours of each chunk retrieved
+    by the same retriever (the last, partial chunk's are never read by the positions scored)."""
+    m = gen.cfg.chunk_size
+    seq = np.array(tokens, np.int32)
+    full = len(seq) // m
+    nb = np.full((1, -(-len(seq) // m), gen.cfg.num_neighbours, gen.cfg.neighbour_len), -1, np.int32)
+    if full:
+        nb[0, :full] = gen.retriever.neighbours_for_chunks(seq[:full * m].reshape(full, m), gen.cfg.num_neighbours)
+    logits = Retro(gen.cfg).apply({"params": gen.params}, seq[None], nb)
+    return np.asarray(logits[0, :, :gen.tokenizer.vocab_size].argmax(-1))
+
+
+def test_greedy_generation_is_what_the_full_forward_pass_predicts_with_the_neighbours_read(generator):
+    prompt = "The river rose through the night and by morning the"  # not a multiple of 32 tokens
+    out = generator.generate([prompt], max_new_tokens=80, temperature=0, show_neighbours=True)[0]
+    again = generator.generate([prompt], max_new_tokens=80, temperature=0)[0]
+    assert out.tokens == again.tokens and len(out.tokens) > 0  # greedy is deterministic
+    p = generator.tokenizer.encode(prompt)
+    seq = p + out.tokens
+    predicted = _full_forward_argmax(generator, seq)
+    assert predicted[len(p) - 1:len(seq) - 1].tolist() == out.tokens
+    m = generator.cfg.chunk_size
+    # a chunk's neighbours are read from its last position on: positions m-1, 2m-1, ... of the sequence
+    assert [r["position"] for r in out.neighbours] == [u * m + m - 1 for u in range(len(seq) // m)]
+    assert all(len(r["neighbours"]) == generator.cfg.num_neighbours for r in out.neighbours)
+    assert out.neighbours[0]["chunk_text"] == generator.tokenizer.decode(seq[:m])
+
+
+def test_a_batch_of_ragged_prompts_gives_each_prompt_what_it_gets_alone(generator):
+    prompts = ["A short one", "A much longer prompt that runs past the first chunk boundary of thirty-two "
+               "tokens, so that its own neighbours are retrieved while the short one is already generating"]
+    together = generator.generate(prompts, max_new_tokens=40, temperature=0)
+    for p, t in zip(prompts, together):
+        assert t.tokens == generator.generate([p], max_new_tokens=40, temperature=0)[0].tokens
+
+
+def test_sampling_depends_on_the_seed_and_is_reproducible(generator):
+    run = lambda seed: generator.generate(["Once"], max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9,  # noqa
+                                          seed=seed)[0].tokens
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_a_database_built_with_another_tokenizer_is_refused(trained, tmp_path):
+    other = _copy(trained["export"], tmp_path / "other")
+    meta = json.loads((other / "config.json").read_text())
+    meta["tokenizer"]["sha256"] = "0" * 64  # the model was trained with another tokenizer
+    (other / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(DatabaseMismatchError, match="tokenizer mismatch"):
+        Generator(other, trained["db"])
+
+
+def test_cli_export_and_generate(trained, tmp_path, capsys):
+    out = tmp_path / "cli_export"
+    assert cli_main(["export", "--workdir", str(trained["workdir"]), "--out", str(out), "--step", "3"]) == 0
+    assert "exported step 3" in capsys.readouterr().out
+    assert cli_main(["generate", "--model", str(out), "--db", trained["db"], "--prompt", "The river",
+                     "--max-new-tokens", "40", "--temperature", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["generations"]) == 1 and report["generations"][0]["neighbours"]
+    assert cli_main(["generate", "--model", str(out), "--prompt", "x"]) == 2  # retrieval needs --db
+    assert "--db" in capsys.readouterr().err

@@ -92,7 +92,10 @@ def topology(name: str) -> Topology:
     try:
         from jax.experimental import topologies
 
-        devices = topologies.get_topology_desc(f"{m.group(1)}:{grid}", platform="tpu").devices
+        # v4 and v5p run their two TensorCores per chip as one device (megacore), as on Cloud TPU;
+        # libtpu's default for v4 is one device per core.
+        chip_config = {"chip_config_name": "megacore"} if m.group(1) == "v4" else {}
+        devices = topologies.get_topology_desc(f"{m.group(1)}:{grid}", platform="tpu", **chip_config).devices
     except Exception as e:  # noqa: BLE001 - no libtpu, or a grid it does not know
         raise ValueError(f"cannot compile for {name} ({m.group(1)}:{grid}) here: {str(e).splitlines()[0][:200]}; "
                          "install the TPU compiler with pip install 'retro-jax[tpu]'") from None

@@ -276,6 +276,11 @@ def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDic
     if not path.is_file():
         raise FileNotFoundError(f"{str(workdir)!r} has no {WORKDIR_CONFIG}: is it a retro-jax training workdir?")
     sections = json.loads(path.read_text())  # JSON has lists where the schema has tuples
+    # Fields added since the run was written take their defaults, which keep the old behaviour
+    # (scan_layers off, one microbatch, ...); unknown fields are still an error.
+    for name, defaults in default_config().to_dict().items():
+        if isinstance(sections.get(name), dict):
+            sections[name] = {**defaults, **sections[name]}
     return validate(ml_collections.ConfigDict({s: {k: tuple(v) if isinstance(v, list) else v for k, v in sec.items()}
                                                for s, sec in sections.items()}))
 

@@ -51,7 +51,7 @@ def test_cached_decoding_matches_the_full_forward_at_every_position(preset, retr
     cfg = dataclasses.replace(ModelConfig.from_preset(preset), scan_layers=False)
     params = _params(cfg)
     m = cfg.chunk_size
-    n = 3 * m + 9  # three chunk boundaries where new neighbours arrive (t = 63, 127, 191), and a partial chunk
+    n = 2 * m + 9  # two chunk boundaries where new neighbours arrive (t = 63, 127), and a partial chunk
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (2, n), dtype=np.int32)
     neighbours = None
@@ -59,7 +59,7 @@ def test_cached_decoding_matches_the_full_forward_at_every_position(preset, retr
         neighbours = rng.integers(0, cfg.vocab_size, (2, -(-n // m), cfg.num_neighbours, cfg.neighbour_len),
                                   dtype=np.int32)
         neighbours[0, 1, 1] = -1  # an empty neighbour slot
-        neighbours[1, 2, :, 100:] = -1  # continuations cut by a document's end
+        neighbours[1, 1, :, 100:] = -1  # continuations cut by a document's end
     full = np.asarray(Retro(cfg).apply({"params": params}, tokens, neighbours))
     cached = _decode_all(params, cfg, tokens, neighbours)
     np.testing.assert_allclose(cached, full, atol=ATOL, rtol=RTOL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,10 +56,15 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+# Scanned and rematerialised: 4 layers, CCA in 2 and 4, layers 1-2 unrolled and one scanned block.
+SCAN = ["model.num_layers=4", "model.cca_layers=(2,4)", "model.scan_layers=True", "model.remat_policy=full"]
+
+
 def _cli(db: str, workdir: Path, steps: int) -> list[str]:
+    """The `retro-jax train` command of the kill-and-resume tests: scanned, rematerialised layers."""
     return [sys.executable, "-m", "retro_jax.cli", "train", "--config", "tiny", "--db", db,
             "--workdir", str(workdir), "--steps", str(steps), "--checkpoint-every", "3", "--no-progress",
-            *[f"--config.{o}" for o in MODEL + TRAIN]]
+            *[f"--config.{o}" for o in MODEL + TRAIN + SCAN]]
 
 
 STEPS = 10
@@ -93,13 +99,9 @@ def test_sigkill_then_same_command_resumes_bit_for_bit(db, tmp_path, uninterrupt
     subprocess.run(_cli(db, run, steps), env=env, check=True, capture_output=True, timeout=300)
 
     assert _losses(run) == _losses(ref)  # every logged loss, bitwise (JSON floats round-trip)
-    a, b = _params(ref), _params(run)
+    a, b = _params(ref, SCAN), _params(run, SCAN)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-# Scanned and rematerialised: 4 layers, CCA in 2 and 4, layers 1-2 unrolled and one scanned block.
-SCAN = ["model.num_layers=4", "model.cca_layers=(2,4)", "model.scan_layers=True", "model.remat_policy=full"]
 
 
 @pytest.mark.parametrize("layers", [[], SCAN], ids=["unrolled", "scanned"])
@@ -193,11 +195,24 @@ def test_sigterm_writes_a_checkpoint_of_the_current_step_and_exits_cleanly(db, t
     assert steps[-1] == last  # the step it stopped at is checkpointed, not only the last interval one
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing"])
-def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(db, tmp_path, capsys, how):
-    argv = ["train", "--config", "tiny", "--db", db, "--workdir", str(tmp_path / "w"), "--steps", "6",
+def _train_argv(db: str, workdir: Path) -> list[str]:
+    return ["train", "--config", "tiny", "--db", db, "--workdir", str(workdir), "--steps", "6",
             "--checkpoint-every", "3", "--no-progress", *[f"--config.{o}" for o in MODEL + TRAIN]]
-    assert cli_main(argv) == 0  # checkpoints 3 and 6
+
+
+@pytest.fixture(scope="module")
+def six_steps(db, tmp_path_factory) -> Path:
+    """A workdir trained for 6 steps, checkpoints 3 and 6; tests damage copies of it."""
+    workdir = tmp_path_factory.mktemp("six") / "w"
+    assert cli_main(_train_argv(db, workdir)) == 0
+    return workdir
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(db, six_steps, tmp_path,
+                                                                                      capsys, how):
+    shutil.copytree(six_steps, tmp_path / "w")
+    argv = _train_argv(db, tmp_path / "w")
     first = _losses(tmp_path / "w")
     damage(tmp_path / "w", 6, how)
     capsys.readouterr()
@@ -213,16 +228,16 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     assert _losses(tmp_path / "w") == first  # ... to the same losses, bit for bit
 
 
-def test_a_workdir_whose_checkpoints_are_all_unreadable_never_starts_from_scratch(db, tmp_path, capsys):
-    argv = ["train", "--config", "tiny", "--db", db, "--workdir", str(tmp_path / "w"), "--steps", "3",
-            "--no-progress", *[f"--config.{o}" for o in MODEL + TRAIN]]
-    assert cli_main(argv) == 0
+def test_a_workdir_whose_checkpoints_are_all_unreadable_never_starts_from_scratch(db, six_steps, tmp_path, capsys):
+    shutil.copytree(six_steps, tmp_path / "w")
     damage(tmp_path / "w", 3, "truncated")
+    damage(tmp_path / "w", 6, "truncated")
     capsys.readouterr()
-    assert cli_main(argv) == 2
+    assert cli_main(_train_argv(db, tmp_path / "w")) == 2
     err = capsys.readouterr().err
-    assert "checkpoint 3 in" in err and "never starts from scratch" in err and "Traceback" not in err
-    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == 3  # nothing was retrained
+    assert "checkpoint 6 in" in err and "([3, 6])" in err and "never starts from scratch" in err
+    assert "Traceback" not in err
+    assert len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) == 6  # nothing was retrained
 
 
 def _two_processes(db: str, workdir: Path, port: int) -> list[subprocess.Popen]:

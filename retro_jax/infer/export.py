@@ -120,13 +120,14 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
     shutil.copyfile(tokenizer, out / TOKENIZER)
-    (out / README).write_text(_readme(plain, meta, len(tensors)))
+    (out / README).write_text(_readme(plain, meta, len(tensors), out))
+    tmp.chmod(0o644)  # safetensors writes 0600
     tmp.replace(out / WEIGHTS)
     (out / CONFIG).write_text(json.dumps(meta, indent=2))  # last: its presence means the export is whole
     return out
 
 
-def _readme(cfg: ModelConfig, meta: dict[str, Any], n_tensors: int) -> str:
+def _readme(cfg: ModelConfig, meta: dict[str, Any], n_tensors: int, out: Path) -> str:
     return f"""# {cfg.name}, exported by retro-jax
 
 Parameters of the training run `{meta['workdir']}` at step {meta['step']}, for inference: no optimizer
@@ -139,12 +140,12 @@ model was trained with (`database`: path, sha256 of its manifest.json, tokenizer
 Load (no Orbax, no pickle):
 
     from retro_jax import load_exported, Retro
-    cfg, params = load_exported("{meta.get('out', '.')}")
+    cfg, params = load_exported("{out}")
     logits = Retro(cfg).apply({{"params": params}}, tokens, neighbours)
 
 Generate with live retrieval:
 
-    retro-jax generate --model EXPORT_DIR --db {meta['database']['path']} --prompt "..."
+    retro-jax generate --model {out} --db {meta['database']['path']} --prompt "..."
 
 Any database built with the same tokenizer can serve retrieval; if a prompt's own text is in the
 database, the model can read it back (leakage): continuations then copy rather than generalise.

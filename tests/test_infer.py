@@ -145,8 +145,13 @@ def _full_forward_argmax(gen: Generator, tokens: list[int]) -> np.ndarray:
 
 def test_greedy_generation_is_what_the_full_forward_pass_predicts_with_the_neighbours_read(generator):
     prompt = "The river rose through the night and by morning the"  # not a multiple of 32 tokens
+    compiled = generator._step._cache_size()
     out = generator.generate([prompt], max_new_tokens=80, temperature=0, show_neighbours=True)[0]
+    # one compiled step for ordinary positions and one for chunk boundaries, not one per token
+    assert generator._step._cache_size() - compiled <= 2
+    compiled = generator._step._cache_size()
     again = generator.generate([prompt], max_new_tokens=80, temperature=0)[0]
+    assert generator._step._cache_size() == compiled
     assert out.tokens == again.tokens and len(out.tokens) > 0  # greedy is deterministic
     p = generator.tokenizer.encode(prompt)
     seq = p + out.tokens

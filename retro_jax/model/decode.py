@@ -97,13 +97,11 @@ def _project(x_BxSxD: jax.Array, w: jax.Array, dt: Any, scale: float = 1.0) -> j
     return jnp.einsum("bsd,dhk->bshk", x_BxSxD, (w * scale).astype(dt) if scale != 1.0 else w.astype(dt))
 
 
-def _position_scores(p: Params, q_Bx1xHxK: jax.Array, table_CxHxK: jax.Array, index_S: jax.Array,
-                     cfg: ModelConfig) -> jax.Array:
-    """(q + v) . W_R R(d) for the distance of each key: the table's row index_S[j] for key j."""
+def _by_distance(p: Params, q_Bx1xHxK: jax.Array, table_CxHxK: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """(q + v) . W_R R(d) for every distance d of the table: [B, H, 1, C]."""
     dt = jnp.dtype(cfg.dtype)
-    by_distance = jnp.einsum("bqhk,chk->bhqc", q_Bx1xHxK + (p["v_bias"] * cfg.head_dim ** -0.5).astype(dt),
-                             table_CxHxK, preferred_element_type=jnp.float32)
-    return jnp.take(by_distance, index_S, axis=-1)
+    return jnp.einsum("bqhk,chk->bhqc", q_Bx1xHxK + (p["v_bias"] * cfg.head_dim ** -0.5).astype(dt),
+                      table_CxHxK, preferred_element_type=jnp.float32)
 
 
 def _self_attention(p: Params, y_Bx1xD: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -112,9 +110,13 @@ def _self_attention(p: Params, y_Bx1xD: jax.Array, k_cache: jax.Array, v_cache: 
     q = _project(y_Bx1xD, p["wq"], dt, cfg.head_dim ** -0.5)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, _project(y_Bx1xD, p["wk"], dt), t, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, _project(y_Bx1xD, p["wv"], dt), t, axis=1)
-    keys = jnp.arange(k_cache.shape[1])
-    pos = _position_scores(p, q, table_TxHxK, jnp.clip(t - keys, 0, k_cache.shape[1] - 1), cfg)
-    mask = jnp.broadcast_to(keys <= t, (y_Bx1xD.shape[0], k_cache.shape[1]))
+    n = k_cache.shape[1]
+    # key j needs distance t - j: reversed, the distances t, t-1, ..., 0 are one contiguous slice
+    # (no gather); keys after t read the zero padding and are masked
+    by_distance = _by_distance(p, q, table_TxHxK, cfg)
+    padded = jnp.concatenate([jnp.flip(by_distance, -1), jnp.zeros_like(by_distance)], axis=-1)
+    pos = jax.lax.dynamic_slice_in_dim(padded, n - 1 - t, n, axis=-1)
+    mask = jnp.broadcast_to(jnp.arange(n) <= t, (y_Bx1xD.shape[0], n))
     return _attend(p, q, k_cache, v_cache, pos, mask, cfg), k_cache, v_cache
 
 
@@ -126,7 +128,7 @@ def _cca(p: Params, y_Bx1xD: jax.Array, cache: Params, i: int, table: jax.Array,
     row = (t - (m - 1)) % m
     q = _project(y_Bx1xD, p["wq"], dt, cfg.head_dim ** -0.5)
     j = jnp.tile(jnp.arange(r), cfg.num_neighbours)
-    pos = _position_scores(p, q, table, (m - 1 + row) - j - (m - r), cfg)
+    pos = jnp.take(_by_distance(p, q, table, cfg), (m - 1 + row) - j - (m - r), axis=-1)
     out = _attend(p, q, cache["cca_k"][i], cache["cca_v"][i], pos, cache["cca_valid"], cfg)
     return jnp.where(t >= m - 1, out, jnp.zeros_like(out))  # positions 0..m-2 see no neighbours
 

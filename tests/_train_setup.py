@@ -1,21 +1,14 @@
-"""Shared setup of the sharded-training tests, and the worker of the multi-process test.
+"""Shared setup of the sharded-training tests.
 
 A small RETRO (the `tiny` widths, 2 decoder layers, one CCA layer, a 1-layer encoder, 256-token
 vocabulary: every parameter kind, fast to compile), 3 fixed batches, and an AdamW whose
 trainable mask freezes the decoder (retrofitting: only encoder and CCA train), so every run
 also exercises the masked optimizer state.
-
-Run as a script it is one process of a multi-process run:
-    python tests/_train_setup.py COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES
-and prints one JSON line {"losses": [...], "param_norm": ...}.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import sys
 
 import numpy as np
 
@@ -81,19 +74,3 @@ def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
 def run_8_devices() -> dict:
     """The 1-process x 8-device run on MESH (shared by the test files of one session)."""
     return run_sharded(MESH)
-
-
-def _worker(coordinator: str, num_processes: int, process_id: int, local_devices: int) -> None:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-    jax.config.update("jax_num_cpu_devices", local_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from retro_jax.train.distributed import maybe_initialize
-    maybe_initialize(coordinator, num_processes, process_id)
-    assert jax.process_count() == num_processes and jax.device_count() == num_processes * local_devices
-    r = run_sharded(MESH)
-    print(json.dumps({k: r[k] for k in ("losses", "param_norm", "rows")}), flush=True)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -3,8 +3,6 @@ multi-process run lacks; clusters are detected from their environment. (Two proc
 training like one process x 8 devices, killed and resumed, is tests/test_train.py's
 test_two_processes_killed_mid_run_resume_to_the_same_losses.)"""
 
-import os
-
 import pytest
 
 from retro_jax.train import distributed

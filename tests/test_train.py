@@ -256,7 +256,8 @@ def _finish(procs: list[subprocess.Popen]) -> None:
 
 @pytest.mark.slow
 def test_two_processes_killed_mid_run_resume_to_the_same_losses(db, tmp_path, uninterrupted):
-    """The whole `retro-jax train` on 2 processes x 4 devices, both writing checkpoints through Orbax:
+    """The whole `retro-jax train` (scanned, rematerialised layers) on 2 processes x 4 devices, both
+    writing checkpoints through Orbax:
     SIGKILL both mid-run, restart both with the same command, and every logged loss equals an
     uninterrupted 2-process run's, bit for bit, and the 1-process 8-device run's to float32 rounding."""
     import socket

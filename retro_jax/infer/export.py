@@ -17,7 +17,6 @@ no pickle, no training state) and checks every tensor's name, shape and dtype ag
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -40,14 +39,6 @@ DTYPES = ("float32", "bfloat16")
 
 class ExportError(ValueError):
     """An export folder that cannot be loaded: missing, truncated, or not matching its config."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -97,7 +88,7 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
     """Write EXPORT_DIR `out` from checkpoint `step` (None: the newest) of a training workdir."""
     from safetensors.flax import save_file
 
-    from retro_jax.retrieval.database import MANIFEST, TOKENIZER_FILE
+    from retro_jax.retrieval.database import MANIFEST, TOKENIZER_FILE, sha256_file
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -113,8 +104,8 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
     tensors = {k: jnp.asarray(v, dtype) for k, v in flatten(params).items()}
     plain = dataclasses.replace(cfg, scan_layers=False)
     meta = {"format": FORMAT, "version": VERSION, "model": plain.to_dict(), "dtype": dtype, "step": step,
-            "workdir": str(workdir.absolute()), "tokenizer": {"file": TOKENIZER, "sha256": _sha256(tokenizer)},
-            "database": {"path": str(db.absolute()), "manifest_sha256": _sha256(db / MANIFEST),
+            "workdir": str(workdir.absolute()), "tokenizer": {"file": TOKENIZER, "sha256": sha256_file(tokenizer)},
+            "database": {"path": str(db.absolute()), "manifest_sha256": sha256_file(db / MANIFEST),
                          "tokenizer_sha256": config.data.tokenizer_sha256}}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")

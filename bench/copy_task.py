@@ -23,12 +23,14 @@ from retro_jax.runtime.state import TrainState
 from retro_jax.train.step import make_optimizer, train_step
 
 
-def copy_batch(rng: np.random.Generator, cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+def copy_batch(rng: np.random.Generator, cfg: ModelConfig, batch: int, seq_len: int,
+               max_shift: int = 0) -> dict[str, np.ndarray]:
     m, v = cfg.chunk_size, cfg.vocab_size
-    toks = rng.integers(0, v, (batch, seq_len + 2 * m), dtype=np.int32)
+    toks = rng.integers(0, v, (batch, seq_len + 2 * m + max_shift), dtype=np.int32)
     nbrs = rng.integers(0, v, (batch, seq_len // m, 2, 2 * m), dtype=np.int32)
     for u in range(seq_len // m):
-        nbrs[:, u, 0] = toks[:, u * m + 1: u * m + 1 + 2 * m]
+        for row, s in enumerate(rng.integers(0, max_shift + 1, batch)):
+            nbrs[row, u, 0] = toks[row, u * m + 1 + s: u * m + 1 + s + 2 * m]
     return {"tokens": toks[:, :seq_len], "targets": toks[:, 1:seq_len + 1],
             "loss_mask": np.ones((batch, seq_len), np.float32), "neighbours": nbrs}
 
@@ -36,6 +38,9 @@ def copy_batch(rng: np.random.Generator, cfg: ModelConfig, batch: int, seq_len: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--max-shift", type=int, default=0,
+                    help="start each copied neighbour up to this many tokens late, at random, so "
+                         "only matching content (not a fixed position) finds the next token")
     args = ap.parse_args()
     cfg = ModelConfig.from_preset("tiny").replace(vocab_size=256)
     b, n, m = 8, 256, cfg.chunk_size
@@ -44,10 +49,10 @@ def main() -> None:
     state = TrainState.create(init_params(cfg, jax.random.key(0)), opt)
     step = jax.jit(lambda s, x: train_step(s, x, cfg=cfg, optimizer=opt))
     for i in range(args.steps + 1):
-        state, metrics = step(state, {k: jnp.asarray(v) for k, v in copy_batch(rng, cfg, b, n).items()})
+        state, metrics = step(state, {k: jnp.asarray(v) for k, v in copy_batch(rng, cfg, b, n, args.max_shift).items()})
         if i % 25 == 0:
             print(f"step {i:4d}  loss {float(metrics['loss']):.3f}", flush=True)
-    x = copy_batch(rng, cfg, b, n)
+    x = copy_batch(rng, cfg, b, n, args.max_shift)
     logp = jax.nn.log_softmax(Retro(cfg).apply({"params": state.params}, x["tokens"], x["neighbours"]))
     nll = -np.take_along_axis(np.asarray(logp), x["targets"][..., None], -1)[..., 0].mean(0)
     print(f"\nln V = {np.log(cfg.vocab_size):.3f}; loss at positions 0..{m - 2} (no neighbour can reach): "

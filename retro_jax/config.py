@@ -53,6 +53,9 @@ class ModelConfig:
     chunk_size: int = 64  # m
     num_neighbours: int = 2  # k in training
     cca_layers: tuple[int, ...] = (6, 9, 12)  # 1-indexed decoder layers holding CCA
+    # CCA output projections start at zero, so a fresh RETRO computes exactly its baseline's
+    # function (and a retrofit starts from the frozen baseline's); the paper does not say.
+    cca_zero_init: bool = True
     # Encoder (its own, disjoint token embeddings).
     enc_d_model: int = 896
     enc_num_layers: int = 2

@@ -8,7 +8,7 @@ from retro_jax.config import ModelConfig
 from retro_jax.model.cca import ChunkedCrossAttention
 
 CFG = ModelConfig.from_preset("tiny").replace(chunk_size=8, num_heads=2, head_dim=8, d_model=16,
-                                               enc_d_model=12)
+                                               enc_d_model=12, cca_zero_init=False)
 M, L, K, R = CFG.chunk_size, 3, 2, 2 * CFG.chunk_size
 
 

@@ -12,7 +12,8 @@ from retro_jax.config import ModelConfig
 from retro_jax.model.count import is_retrieval_path
 from retro_jax.model.retro import Retro
 
-CFG = ModelConfig.from_preset("tiny").replace(vocab_size=512)
+# Live CCA output projections, so every path through the neighbours is exercised.
+CFG = ModelConfig.from_preset("tiny").replace(vocab_size=512, cca_zero_init=False)
 M = CFG.chunk_size
 
 
@@ -105,6 +106,28 @@ def test_baseline_with_retrieval_params_removed_equals_retrieval_off(model):
     baseline = Retro(base_cfg).apply({"params": kept}, tokens)
     retro_off = Retro(CFG).apply(variables, tokens, None)
     np.testing.assert_array_equal(np.asarray(baseline), np.asarray(retro_off))
+
+
+def test_fresh_retro_computes_its_baseline_and_learns_to_read():
+    """With the default zero-initialised CCA output projections, a fresh RETRO's logits do not
+    depend on its neighbours, and the gradient still reaches the CCA output projections, so
+    training moves it off its baseline's function."""
+    cfg = CFG.replace(cca_zero_init=True)
+    tokens, nbrs = _inputs(8, 2, 3 * M)
+    variables = Retro(cfg).init(jax.random.key(3), tokens, nbrs)
+    on = Retro(cfg).apply(variables, tokens, nbrs)
+    other = Retro(cfg).apply(variables, tokens, (nbrs + 5) % cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(on), np.asarray(Retro(cfg).apply(variables, tokens, None)))
+    np.testing.assert_array_equal(np.asarray(on), np.asarray(other))
+
+    def loss(params):
+        logits = Retro(cfg).apply({"params": params}, tokens, nbrs)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    grads = nn.unbox(jax.grad(loss)(variables["params"]))
+    cca_wo = [np.abs(np.asarray(leaf)).max() for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+              if "cca" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['wo']")]
+    assert len(cca_wo) == len(cfg.cca_layers) and min(cca_wo) > 0
 
 
 def test_jit_equals_eager(model):

@@ -20,6 +20,7 @@ def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "RETRO [on] (k=2)" in printed and "bpb(alpha=0.125)" in printed  # the report's table
+    assert "retrieval on - off:" in printed and "PAID OFF" not in printed  # no verdict off the default budget
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["bpb"]) == {"retro", "retro_off", "baseline"}
     assert all(np.isfinite(v) and v > 0 for v in summary["bpb"].values())
@@ -29,7 +30,8 @@ def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
     assert (out / "retro" / "eval_validation_bpb_alpha.png").read_bytes()[:4] == b"\x89PNG"
 
     built = {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()}
-    assert cli_main(argv) == 0  # the database and both runs are complete: only evaluation reruns
+    assert cli_main(argv) == 0  # the database, both runs and their evaluation are complete
+    assert "evaluated already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()} == built
     assert {name: (out / name / "metrics.jsonl").read_text() for name in metrics} == metrics  # no step retrained
     assert json.loads((out / "quickstart.json").read_text())["bpb"] == summary["bpb"]

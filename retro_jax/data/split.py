@@ -24,3 +24,10 @@ def is_validation(source: str, seed: int, val_fraction: float) -> bool:
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     return split_fraction(source, seed) < val_fraction
+
+
+def sampled(source: str, seed: int, keep: float) -> bool:
+    """True if the document named `source` is in a `keep`-fraction sample of the corpus.
+
+    Hashed with its own salt, so the sample is independent of the train/validation split."""
+    return keep >= 1.0 or split_fraction(f"sample\x00{source}", seed) < keep

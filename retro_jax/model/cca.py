@@ -48,7 +48,7 @@ class ChunkedCrossAttention(nn.Module):
         # k neighbours are independent blocks of r keys each).
         out_BLxMxD = RelativeAttention(
             cfg.num_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype),
-            max_wavelength=cfg.max_wavelength, name="attn",
+            max_wavelength=cfg.max_wavelength, zero_init_out=cfg.cca_zero_init, name="attn",
         )(q_BLxMxD, kv_BLxKRxE, mask, q_offset=m - 1, k_offset=0, k_period=r)
         out_BxNxD = out_BLxMxD.reshape(b, n, d)
         # Shift back: pad m-1 at the front (identity on positions 0..m-2) and cut to N.

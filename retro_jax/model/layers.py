@@ -112,6 +112,7 @@ class RelativeAttention(nn.Module):
     head_dim: int
     dtype: Dtype = jnp.float32
     max_wavelength: float = 10_000.0
+    zero_init_out: bool = False  # output projection starts at 0: the block starts as the identity
 
     @nn.compact
     def __call__(self, x_q_BxQxD: jax.Array, x_kv_BxKxE: jax.Array, mask: jax.Array | None, *,
@@ -127,7 +128,8 @@ class RelativeAttention(nn.Module):
         wq = param(self, "wq", _kernel_init(0, (1, 2)), (d_q, h, dh), ("embed", "heads", "kv"))
         wk = param(self, "wk", _kernel_init(0, (1, 2)), (d_kv, h, dh), ("embed", "heads", "kv"))
         wv = param(self, "wv", _kernel_init(0, (1, 2)), (d_kv, h, dh), ("embed", "heads", "kv"))
-        wo = param(self, "wo", _kernel_init((0, 1), 2), (h, dh, d_q), ("heads", "kv", "embed"))
+        wo_init = nn.initializers.zeros if self.zero_init_out else _kernel_init((0, 1), 2)
+        wo = param(self, "wo", wo_init, (h, dh, d_q), ("heads", "kv", "embed"))
         wr = param(self, "wr", _kernel_init(0, (1, 2)), (d_q, h, dh), ("embed", "heads", "kv"))
         u = param(self, "u_bias", nn.initializers.zeros, (h, dh), ("heads", "kv"))
         v = param(self, "v_bias", nn.initializers.zeros, (h, dh), ("heads", "kv"))

@@ -15,6 +15,9 @@ Stages and the choices written down here:
   documents to validation chunks and training documents that are not near-duplicates to train
   chunks. Documents shorter than one chunk are skipped and counted (a neighbour needs a full
   chunk). With `max_chunks`, reading stops after the training document that reaches it.
+  With `sample_documents` = p < 1, each document (of either split) is kept with probability p,
+  by a seeded hash of its source: a small database drawn from the whole corpus, not from
+  whatever folder sorts first (the same documents on every machine and every worker).
 * embed (per slice): chunk text (decoded) through the frozen BERT, in fixed blocks of
   `embed_block` chunks written into a preallocated .npy memmap; a sidecar records finished
   blocks, so a killed run resumes to byte-identical arrays.
@@ -140,7 +143,7 @@ def build_database(
     vocab_size: int = 8192, tokenizer: str | None = None, chunk_size: int = 64, embedder: str | None = None,
     embed_batch_size: int = 64, max_length: int = 128, shards: int = 1, index_mode: str = "auto",
     neighbours_stored: int = 10, max_documents: int | None = None, max_chunks: int | None = None,
-    worker: int = 0, num_workers: int = 1, combine: bool = False, overwrite: bool = False,
+    sample_documents: float = 1.0, worker: int = 0, num_workers: int = 1, combine: bool = False, overwrite: bool = False,
     progress: bool = True, embed_block: int = EMBED_BLOCK,
 ) -> dict[str, Any] | None:
     """Build (or resume) the retrieval database in `out`; returns its manifest.
@@ -157,6 +160,8 @@ def build_database(
             raise BuildError(f"{name} must be >= {low}, got {value}")
     if not 0.0 <= val_fraction < 1.0:
         raise BuildError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 < sample_documents <= 1.0:
+        raise BuildError(f"--sample-documents must be in (0, 1], got {sample_documents}")
     if index_mode not in ("auto", "exact", "scann"):
         raise BuildError(f"--index-mode must be auto, exact or scann, got {index_mode!r}")
     if neighbours_stored < 10:
@@ -169,6 +174,8 @@ def build_database(
     s = _settings(corpus, max_documents=max_documents, val_fraction=val_fraction, seed=seed, dedup=dedup,
                   vocab_size=vocab_size, chunk_size=chunk_size, max_chunks=max_chunks, num_workers=num_workers,
                   shards=shards, index_mode=index_mode, neighbours_stored=neighbours_stored)
+    if sample_documents < 1.0:  # recorded only when used, so databases built before it still match
+        s["sample_documents"] = float(sample_documents)
     emb = None if combine else load_embedder(embedder, max_length, embed_batch_size)
     s["embedder_path"] = embedder
     if emb is not None:

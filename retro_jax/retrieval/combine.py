@@ -104,6 +104,8 @@ def combine_slices(root: Path, dirs: list[Path], overwrite: bool, progress: bool
     tok_rec = read_json(root / "stages" / "tokenizer.json")
     settings = {k: base[k] for k in ("corpus", "max_documents", "val_fraction", "seed", "dedup", "chunk_size",
                                      "max_chunks", "num_workers")}
+    if "sample_documents" in base:
+        settings["sample_documents"] = base["sample_documents"]
     settings |= {"vocab_size": tok_rec["settings"].get("vocab_size"), "embedder": e["settings"]["embedder"],
                  "max_length": e["settings"]["max_length"], "embed_batch_size": e["settings"]["batch_size"],
                  "embed_block": e["settings"]["block"]}

@@ -37,7 +37,8 @@ def _build_db(args: argparse.Namespace) -> int:
             vocab_size=args.vocab_size, tokenizer=args.tokenizer, chunk_size=args.chunk_size,
             embedder=args.embedder, embed_batch_size=args.embed_batch_size, max_length=args.max_length,
             shards=args.shards, index_mode=args.index_mode, neighbours_stored=args.neighbours,
-            max_documents=args.max_documents, max_chunks=args.max_chunks, worker=args.worker,
+            max_documents=args.max_documents, max_chunks=args.max_chunks,
+            sample_documents=args.sample_documents, worker=args.worker,
             num_workers=args.num_workers, combine=args.combine, overwrite=args.overwrite,
             progress=not args.no_progress)
     except (ValueError, OSError, CorpusError) as e:
@@ -119,6 +120,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--neighbours", type=int, default=10, help="neighbours stored per chunk (default 10)")
     b.add_argument("--max-documents", type=int, help="read at most this many documents")
     b.add_argument("--max-chunks", type=int, help="stop adding documents once the database has this many chunks")
+    b.add_argument("--sample-documents", type=float, default=1.0, metavar="P",
+                   help="keep each document with probability P (a seeded hash of its name), so a small "
+                        "database spans the whole corpus rather than its first folders (default 1)")
     b.add_argument("--worker", type=int, default=0, help="this worker's slice: documents with doc_id %% W == I")
     b.add_argument("--num-workers", type=int, default=1, help="number of slices W (default 1)")
     b.add_argument("--combine", action="store_true", help="only merge finished slices and finish the database")

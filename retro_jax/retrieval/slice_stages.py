@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from retro_jax.data.chunks import ChunkStore, ChunkWriter
 from retro_jax.data.corpus import CorpusStats, iter_documents
 from retro_jax.data.dedup import NearDuplicateFilter
-from retro_jax.data.split import is_validation
+from retro_jax.data.split import is_validation, sampled
 from retro_jax.data.tokenizer import Tokenizer, train_tokenizer
 from retro_jax.retrieval import database as dbl
 from retro_jax.retrieval.stages import BuildError, Stage, read_json, write_json
@@ -92,6 +92,9 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
     settings = {**{k: s[k] for k in ("corpus", "max_documents", "val_fraction", "seed", "dedup",
                                      "chunk_size", "max_chunks", "num_workers")},
                 "tokenizer_sha256": tok.sha256, "worker": worker}
+    keep = s.get("sample_documents", 1.0)
+    if keep < 1.0:
+        settings["sample_documents"] = keep
     outs = [dbl.chunks_dir(sdir, split) for split in dbl.SPLITS]
     stage = Stage(sdir / "stages" / "chunks.json", outs, overwrite, str(sdir))
     done = stage.start(settings)
@@ -102,7 +105,7 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
     refs = NearDuplicateFilter() if s["dedup"] else None
     for doc in tqdm(iter_documents(paths, s["max_documents"], stats=stats), desc="documents: split",
                     unit="doc", disable=not progress):
-        if refs is not None and is_validation(doc.source, seed, frac):
+        if refs is not None and is_validation(doc.source, seed, frac) and sampled(doc.source, seed, keep):
             refs.add_reference(doc.doc_id, doc.text)
     writers = {split: ChunkWriter(str(dbl.chunks_dir(sdir, split)), s["chunk_size"],
                                   token_num_bytes=tok.token_num_bytes(), pad_id=tok.pad_id,
@@ -111,7 +114,7 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
     bar = tqdm(total=stats.documents, desc=f"chunks (slice {worker}/{w})", unit="doc", disable=not progress)
     for doc in iter_documents(paths, s["max_documents"]):
         bar.update(1)
-        if doc.doc_id % w != worker:
+        if doc.doc_id % w != worker or not sampled(doc.source, seed, keep):
             continue
         split = "validation" if is_validation(doc.source, seed, frac) else "train"
         if split == "train" and refs is not None and refs.is_near_duplicate(doc.text):

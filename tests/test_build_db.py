@@ -160,6 +160,28 @@ def test_max_chunks_keeps_a_corpus_prefix_across_workers(base, tmp_path):
     np.testing.assert_array_equal(part.validation.doc_ids, val_docs[val_docs < docs[n - 1]])
 
 
+def test_sample_documents_keeps_a_seeded_sample_of_both_splits_spread_over_the_corpus(base, tmp_path):
+    from retro_jax.data.split import sampled
+
+    full = Database.open(base["db"])
+    out = tmp_path / "db"
+    build_database([str(base["corpus_dir"])], str(out), embedder=str(base["bert"]), sample_documents=0.5,
+                   tokenizer=str(base["db"] / "tokenizer.model"), **BUILD)
+    part = Database.open(out)
+    keep = {i for i, p in enumerate(base["corpus"]) if sampled(str(p), BUILD["seed"], 0.5)}
+    assert 0 < len(keep) < len(base["corpus"])
+    for split in ("train", "validation"):
+        got, every = set(np.unique(part.chunks(split).doc_ids)), set(np.unique(full.chunks(split).doc_ids))
+        assert got == every & keep and got  # the same documents, chunked the same way
+        for doc in got:
+            np.testing.assert_array_equal(_doc_chunks(part.chunks(split), doc), _doc_chunks(full.chunks(split), doc))
+    assert max(keep) > len(base["corpus"]) * 3 // 4  # drawn from the whole corpus, not its first files
+    assert part.manifest["settings"]["sample_documents"] == 0.5
+    with pytest.raises(BuildError, match="sample-documents"):
+        build_database([str(base["corpus_dir"])], str(tmp_path / "bad"), embedder=str(base["bert"]),
+                       sample_documents=0.0, **BUILD)
+
+
 def test_dedup_removes_training_copies_of_validation_documents(base, tmp_path):
     corpus = next(c for c in (tmp_path / f"corpus{i}" for i in range(100))  # a copy with a validation doc
                   if validation_paths([c / p.name for p in base["corpus"]]))

@@ -35,3 +35,22 @@ def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()} == built
     assert {name: (out / name / "metrics.jsonl").read_text() for name in metrics} == metrics  # no step retrained
     assert json.loads((out / "quickstart.json").read_text())["bpb"] == summary["bpb"]
+
+
+def _report(on: float, off: float, base: float) -> dict:
+    return {"bpb": {"retro": on, "retro_off": off, "baseline": base},
+            "bpb_alpha": {n: {"0.125": v + 0.1} for n, v in (("retro", on), ("retro_off", off), ("baseline", base))}}
+
+
+def test_payoff_verdict_needs_both_differences_beyond_the_measured_spread():
+    from retro_jax.quickstart import PAYOFF_SPREAD, payoff_verdict
+
+    s_off, s_base = PAYOFF_SPREAD["on_minus_off"], PAYOFF_SPREAD["on_minus_baseline"]
+    clear = payoff_verdict(_report(1.0, 1.0 + 2 * s_off, 1.0 + 2 * s_base), default_budget=True)
+    assert clear["paid_off"] is True and "RETRIEVAL PAID OFF" in clear["text"]
+    for off, base in ((1.0 + s_off / 2, 1.0 + 2 * s_base), (1.0 + 2 * s_off, 1.0 + s_base / 2)):
+        within = payoff_verdict(_report(1.0, off, base), default_budget=True)
+        assert within["paid_off"] is False and "DID NOT PAY OFF" in within["text"]
+    other = payoff_verdict(_report(1.0, 1.5, 1.5), default_budget=False)  # no spread measured there
+    assert other["paid_off"] is None and "PAY OFF" not in other["text"]
+    assert abs(other["on_minus_baseline_alpha_0.125"] - (-0.5)) < 1e-12

@@ -23,6 +23,7 @@ from retro_jax.retrieval.build import build_database
 from retro_jax.train.loop import train
 
 SEED, VAL_FRACTION = 0, 0.25
+N_VALIDATION = 5
 MODULES = ["textwrap", "shlex", "glob", "fnmatch", "bisect", "heapq", "colorsys", "keyword", "sched",
            "numbers", "abc", "reprlib", "getopt", "queue", "calendar", "copy", "stat", "tabnanny", "pprint",
            "string"]
@@ -36,26 +37,26 @@ TRAIN = ["train.seq_len=128", "train.batch_size=8", "train.steps=200", "train.wa
          "train.log_every=10", "train.checkpoint_every=200", "eval.window=128", "eval.stride=64", "mesh.data=-1"]
 
 
-def _corpus(root: Path) -> int:
-    """Each module's first 6,000 characters, and a near copy, under names that put some originals
-    in validation and every copy in training. Returns the number of validation docs."""
+def _named(root: Path, stem: str, validation: bool) -> Path:
+    """The first `stem_i.txt` under root on the wanted side of the split (it hashes the full path)."""
+    return next(root / f"{stem}_{i}.txt" for i in range(1000)
+                if is_validation(str(root / f"{stem}_{i}.txt"), SEED, VAL_FRACTION) == validation)
+
+
+def _corpus(root: Path) -> None:
+    """Each module's first 6,000 characters (the first N_VALIDATION of them validation documents,
+    the rest training documents) and a near copy of each, always in training."""
     root.mkdir(parents=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    n_val = 0
-    for name in MODULES:
+    for i, name in enumerate(MODULES):
         text = (stdlib / f"{name}.py").read_text(encoding="utf-8")[:6000]
-        copy = next(root / f"{name}_copy{i}.txt" for i in range(100)
-                    if not is_validation(str(root / f"{name}_copy{i}.txt"), SEED, VAL_FRACTION))
-        copy.write_text(text[:5000])
-        original = root / f"{name}.txt"
-        original.write_text(text)
-        n_val += is_validation(str(original), SEED, VAL_FRACTION)
-    return n_val
+        _named(root, name, validation=i < N_VALIDATION).write_text(text)
+        _named(root, f"{name}_copy", validation=False).write_text(text[:5000])
 
 
 @pytest.mark.slow
 def test_retrieval_reads_planted_near_duplicates(tmp_path):
-    assert _corpus(tmp_path / "corpus") >= 3
+    _corpus(tmp_path / "corpus")
     db = tmp_path / "db"
     build_database([str(tmp_path / "corpus")], str(db), val_fraction=VAL_FRACTION, seed=SEED, vocab_size=512,
                    chunk_size=32, index_mode="exact", dedup=False, progress=False)
@@ -63,6 +64,8 @@ def test_retrieval_reads_planted_near_duplicates(tmp_path):
     report = evaluate(str(tmp_path / "retro"), str(db), ks=(), progress=False, write=False)
     on, off = report["bpb"]["retro"], report["bpb"]["retro_off"]
     # The planted copies are what the leakage filter sees: most validation chunks overlap a neighbour.
+    assert report["counts"]["documents"] == N_VALIDATION  # the split chose what _corpus meant it to
     counts = report["alpha_counts"]
     assert counts["0.125"]["chunks"] < counts["1"]["chunks"] / 2, counts
+    print(f"retrieval on {on:.4f} vs off {off:.4f} bits/byte")
     assert on < off - MARGIN_BPB, f"retrieval on {on:.4f} vs off {off:.4f} bits/byte"

@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="the main job of `make quickstart`")
     qs.add_argument("--out", default="out/quickstart", help="folder for every artefact")
     qs.add_argument("--steps", type=int, help="training steps per model (default 150)")
-    qs.add_argument("--max-chunks", type=int, help="cap on the database's training chunks (default none: a 10%% document "
-                    "sample of the standard library, about 5,000)")
+    qs.add_argument("--max-chunks", type=int, help="database size in training chunks (default 5000)")
     qs.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default 0.1)")
     qs.set_defaults(func=_quickstart)
 

@@ -102,8 +102,8 @@ def _ms(xs: list[float]) -> str:
 def table(results: list[dict]) -> str:
     """Markdown: per variant, mean ± standard deviation over seeds, and the paired differences."""
     rows = ["| variant | seeds | bpb on | bpb off | baseline | on - off | on - baseline | "
-            "on @ α=0.125 | baseline @ α=0.125 | on - baseline @ α=0.125 | on, k=1 / 4 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "on @ α=0.125 | baseline @ α=0.125 | on - off @ α=0.125 | on - baseline @ α=0.125 | on, k=1 / 4 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         rs = [r for r in results if r["variant"] == variant]
         if not rs:
@@ -113,12 +113,14 @@ def table(results: list[dict]) -> str:
         base = [r["bpb"]["baseline"] for r in rs]
         on_a = [r["bpb_0.125"]["retro"] for r in rs]
         base_a = [r["bpb_0.125"]["baseline"] for r in rs]
+        off_a = [r["bpb_0.125"]["retro_off"] for r in rs]
         k1 = [r["k_sweep"].get("1") for r in rs]
         k4 = [r["k_sweep"].get("4") for r in rs]
         rows.append(
             f"| {variant} | {len(rs)} | {_ms(on)} | {_ms(off)} | {_ms(base)} | "
             f"{_ms([a - b for a, b in zip(on, off)])} | {_ms([a - b for a, b in zip(on, base)])} | "
-            f"{_ms(on_a)} | {_ms(base_a)} | {_ms([a - b for a, b in zip(on_a, base_a)])} | "
+            f"{_ms(on_a)} | {_ms(base_a)} | {_ms([a - b for a, b in zip(on_a, off_a)])} | "
+            f"{_ms([a - b for a, b in zip(on_a, base_a)])} | "
             f"{_ms([x for x in k1 if x is not None])} / {_ms([x for x in k4 if x is not None])} |")
     return "\n".join(rows)
 

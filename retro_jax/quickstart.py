@@ -55,11 +55,12 @@ def payoff_verdict(report: dict, default_budget: bool) -> dict:
     seed-to-seed spread that `bench/retrieval_payoff.py` measured for them (PAYOFF_SPREAD)."""
     bpb, alpha = report["bpb"], report["bpb_alpha"]
     diffs = {"on_minus_off": bpb["retro"] - bpb["retro_off"], "on_minus_baseline": bpb["retro"] - bpb["baseline"],
+             "on_minus_off_alpha_0.125": _diff(alpha["retro"]["0.125"], alpha["retro_off"]["0.125"]),
              "on_minus_baseline_alpha_0.125": _diff(alpha["retro"]["0.125"], alpha["baseline"]["0.125"])}
-    lines = [f"retrieval on - off: {diffs['on_minus_off']:+.4f} bpb; on - baseline: "
-             f"{diffs['on_minus_baseline']:+.4f} bpb; on - baseline on the chunks with r(C) <= 0.125: "
-             + ("-" if diffs["on_minus_baseline_alpha_0.125"] is None
-                else f"{diffs['on_minus_baseline_alpha_0.125']:+.4f} bpb")]
+    fmt = lambda x: "-" if x is None else f"{x:+.4f}"  # noqa: E731
+    lines = [f"retrieval on - off: {fmt(diffs['on_minus_off'])} bpb; on - baseline: {fmt(diffs['on_minus_baseline'])} "
+             f"bpb. On the chunks with r(C) <= 0.125 (no 8-token overlap with a neighbour): on - off "
+             f"{fmt(diffs['on_minus_off_alpha_0.125'])}, on - baseline {fmt(diffs['on_minus_baseline_alpha_0.125'])} bpb"]
     paid = None
     if default_budget:
         spread = PAYOFF_SPREAD

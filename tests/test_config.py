@@ -2,7 +2,7 @@
 
 import pytest
 
-from retro_jax.config import PAPER_PARAMS_M, ModelConfig, load_config, model_config, presets
+from retro_jax.config import PAPER_PARAMS_M, ModelConfig, apply_overrides, load_config, model_config, presets
 
 PRESETS = presets()
 from retro_jax.model.count import flops_per_token, param_counts
@@ -65,3 +65,18 @@ def test_overrides_keep_types_and_reject_unknown_keys():
                      ("--config.train.steps", "form --config.key=value")]:
         with pytest.raises(ValueError, match=msg):
             apply_overrides(load_config("tiny"), [bad])
+
+
+def test_resume_ignores_settings_that_cannot_change_a_restored_run():
+    from retro_jax.train.loop import TrainingError, _check_resume
+
+    now = load_config("tiny")
+    old = now.to_dict()
+    old["model"] = {k: v for k, v in old["model"].items() if k != "cca_zero_init"}  # before it existed
+    old["model"].update(scan_start=6, scan_period=3)  # an unscanned run: the layout never applied
+    _check_resume(old, now)
+    scanned = apply_overrides(load_config("tiny"), ["model.scan_layers=True"])
+    with pytest.raises(TrainingError, match="model.scan_start"):
+        _check_resume(dict(old, model=dict(old["model"], scan_layers=True)), scanned)
+    with pytest.raises(TrainingError, match="model.d_model"):
+        _check_resume(dict(old, model=dict(old["model"], d_model=64)), now)

@@ -54,12 +54,22 @@ class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (divergence, mismatched resume)."""
 
 
+def _ignored_model_keys(saved: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """Model settings that cannot change a resumed run: the initialisation (params are restored),
+    and the scan layout of a model that is scanned in neither run (a workdir from before it existed)."""
+    ignored = {"cca_zero_init"}
+    if not saved.get("scan_layers") and not now.get("scan_layers"):
+        ignored |= {"scan_start", "scan_period"}
+    return ignored
+
+
 def _check_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
     now = config.to_dict()
     diffs = []
+    ignored = _ignored_model_keys(saved.get("model", {}), now.get("model", {}))
     for section in ("model", "train"):  # a different mesh is fine: restore reshards
         for k in set(saved.get(section, {})) | set(now.get(section, {})):
-            if section == "train" and k in RESUMABLE_CHANGES:
+            if (section == "train" and k in RESUMABLE_CHANGES) or (section == "model" and k in ignored):
                 continue
             a, b = saved.get(section, {}).get(k), now.get(section, {}).get(k)
             if a != b:

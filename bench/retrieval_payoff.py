@@ -42,7 +42,7 @@ VARIANTS = {
     "random-init/prefix": ("prefix", ["model.cca_zero_init=False"]),
     "zero-init/prefix": ("prefix", []),
     "zero-init/sampled": ("sampled", []),
-    "zero-init/sampled/enc128": ("sampled", ["model.enc_d_model=128", "model.enc_num_heads=4",
+    "zero-init/prefix/enc128": ("prefix", ["model.enc_d_model=128", "model.enc_num_heads=4",
                                               "model.enc_head_dim=32", "model.enc_d_ff=512"]),
 }
 EVAL_KS = (1, 2, 4)

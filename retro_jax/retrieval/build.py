@@ -143,8 +143,8 @@ def build_database(
     vocab_size: int = 8192, tokenizer: str | None = None, chunk_size: int = 64, embedder: str | None = None,
     embed_batch_size: int = 64, max_length: int = 128, shards: int = 1, index_mode: str = "auto",
     neighbours_stored: int = 10, max_documents: int | None = None, max_chunks: int | None = None,
-    sample_documents: float = 1.0, worker: int = 0, num_workers: int = 1, combine: bool = False, overwrite: bool = False,
-    progress: bool = True, embed_block: int = EMBED_BLOCK,
+    sample_documents: float = 1.0, worker: int = 0, num_workers: int = 1, combine: bool = False,
+    overwrite: bool = False, progress: bool = True, embed_block: int = EMBED_BLOCK,
 ) -> dict[str, Any] | None:
     """Build (or resume) the retrieval database in `out`; returns its manifest.
 

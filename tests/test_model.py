@@ -115,16 +115,18 @@ def test_fresh_retro_computes_its_baseline_and_learns_to_read():
     cfg = CFG.replace(cca_zero_init=True)
     tokens, nbrs = _inputs(8, 2, 3 * M)
     variables = Retro(cfg).init(jax.random.key(3), tokens, nbrs)
-    on = Retro(cfg).apply(variables, tokens, nbrs)
-    other = Retro(cfg).apply(variables, tokens, (nbrs + 5) % cfg.vocab_size)
-    np.testing.assert_array_equal(np.asarray(on), np.asarray(Retro(cfg).apply(variables, tokens, None)))
+    apply = jax.jit(lambda v, t, nb: Retro(cfg).apply(v, t, nb))
+    on = apply(variables, tokens, nbrs)
+    other = apply(variables, tokens, (nbrs + 5) % cfg.vocab_size)
+    off = jax.jit(lambda v, t: Retro(cfg).apply(v, t, None))(variables, tokens)
+    np.testing.assert_array_equal(np.asarray(on), np.asarray(off))
     np.testing.assert_array_equal(np.asarray(on), np.asarray(other))
 
     def loss(params):
         logits = Retro(cfg).apply({"params": params}, tokens, nbrs)
         return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    grads = nn.unbox(jax.grad(loss)(variables["params"]))
+    grads = nn.unbox(jax.jit(jax.grad(loss))(variables["params"]))
     cca_wo = [np.abs(np.asarray(leaf)).max() for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
               if "cca" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['wo']")]
     assert len(cca_wo) == len(cfg.cca_layers) and min(cca_wo) > 0

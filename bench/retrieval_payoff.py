@@ -57,8 +57,7 @@ def _db(out: Path, name: str) -> str:
 
 
 def _overrides(steps: int, seed: int) -> list[str]:
-    return quickstart.TRAIN_OVERRIDES + [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                                         f"train.log_every={min(10, steps)}", f"train.seed={seed}"]
+    return quickstart.train_overrides(steps) + [f"train.seed={seed}"]
 
 
 def _trained(preset: str, overrides: list[str], db: str, workdir: Path) -> None:

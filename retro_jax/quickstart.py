@@ -50,6 +50,12 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
+def train_overrides(steps: int) -> list[str]:
+    """The quickstart's training settings for a run of `steps` steps (warm-up: the first tenth)."""
+    return TRAIN_OVERRIDES + [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                              f"train.log_every={min(10, steps)}"]
+
+
 def payoff_verdict(report: dict, default_budget: bool) -> dict:
     """The paired differences of this run and, at the default budget, whether they exceed the
     seed-to-seed spread that `bench/retrieval_payoff.py` measured for them (PAYOFF_SPREAD)."""
@@ -112,8 +118,7 @@ def run(out: str = "out/quickstart", steps: int | None = None, max_chunks: int |
     check_split(db, "validation")  # before any training
 
     steps = steps or STEPS
-    overrides = TRAIN_OVERRIDES + [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                                   f"train.log_every={min(10, steps)}"]
+    overrides = train_overrides(steps)
     for name, preset in (("retro", "tiny"), ("baseline", "tiny-baseline")):
         _banner(f"2/3 train a tiny {name} ({preset}), same token budget")
         t0 = time.perf_counter()

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from retro_jax.retrieval import commands as db_commands
 
-    db_commands.register(sub)  # build-db, db-info, db-check
+    db_commands.register(sub)  # build-db, db-subset, db-info, db-check
 
     from retro_jax.eval import run as eval_run
 

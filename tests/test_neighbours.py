@@ -106,7 +106,7 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path, monkeypat
     class Spy:
         """Counts the queries sent to the index."""
 
-        size, dim, folder = idx.size, idx.dim, idx.folder
+        size, dim, folder, num_ids = idx.size, idx.dim, idx.folder, idx.num_ids
 
         def search(self, x, k):
             calls.append(len(x))

@@ -1,4 +1,4 @@
-"""CLI verbs for the retrieval database: build-db, db-info, db-check.
+"""CLI verbs for the retrieval database: build-db, db-subset, db-info, db-check.
 
 `register(subparsers)` adds them to the `retro-jax` argparse subparsers. Each handler returns
 an exit code: 0 success, 1 a failed check (db-check), 2 bad input (one-line message on stderr).
@@ -53,6 +53,22 @@ def _build_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _db_subset(args: argparse.Namespace) -> int:
+    from retro_jax.retrieval.subset import subset_database
+
+    _logging()
+    try:
+        m = subset_database(args.db, args.out, args.chunks, mode=args.mode, seed=args.seed,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        return _fail("db-subset", e)
+    sub = m["subset"]
+    print(f"database {args.out}: retrieves from {sub['chunks']:,} of {sub['parent_chunks']:,} train chunks "
+          f"({sub['tokens']:,} tokens, {sub['documents']:,} documents, {sub['mode']}); "
+          f"{m['neighbours_stored']} neighbours each")
+    return EXIT_OK
+
+
 def _print_info(info: dict[str, Any]) -> None:
     for split, c in info["splits"].items():
         print(f"{split:<11} {c['documents']:>9,} documents {c['chunks']:>11,} chunks {c['tokens']:>13,} tokens "
@@ -64,6 +80,10 @@ def _print_info(info: dict[str, Any]) -> None:
           f"{info['tokenizer']['source']})")
     print(f"embedder   {info['embedder']['name']} (dim {info['embedder']['dim']})")
     print(f"near-duplicates removed {info['near_duplicates_removed']}, skipped {info['skipped_documents']}")
+    if info.get("subset"):
+        sub = info["subset"]
+        print(f"subset     retrieves from {sub['chunks']:,} of the {sub['parent_chunks']:,} train chunks of "
+              f"{sub['of']} ({sub['mode']}); every train chunk is still training data")
 
 
 def _db_info(args: argparse.Namespace) -> int:
@@ -100,7 +120,7 @@ def _db_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add build-db, db-info and db-check to an argparse subparsers object."""
+    """Add build-db, db-subset, db-info and db-check to an argparse subparsers object."""
     b = subparsers.add_parser("build-db", help="build a retrieval database: chunks, embeddings, index, neighbours")
     b.add_argument("--corpus", nargs="+", metavar="PATH",
                    help=".txt folders, .jsonl(.gz/.zst), .parquet (default: this Python's standard library)")
@@ -129,6 +149,23 @@ def register(subparsers: Any) -> None:
     b.add_argument("--overwrite", action="store_true", help="rebuild the stages whose settings differ")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=_build_db)
+
+    u = subparsers.add_parser(
+        "db-subset", help="a database retrieving from only N of another's train chunks (database-size "
+                          "ablations): new index and neighbours, nothing re-embedded",
+        description="Make a database whose index covers N train chunks of DB (hard links to its chunks and "
+                    "embeddings, a new index, neighbours recomputed for both splits). Every train chunk stays "
+                    "training data, so models at every database size see the same tokens.")
+    u.add_argument("--db", required=True, metavar="DB_DIR", help="the full database (built with build-db)")
+    u.add_argument("--out", required=True, metavar="OUT_DIR", help="folder of the subset (reused if complete)")
+    u.add_argument("--chunks", required=True, type=int, help="train chunks to retrieve from")
+    u.add_argument("--mode", choices=("documents", "prefix"), default="documents",
+                   help="documents: whole documents in a seeded random order, nested across sizes "
+                        "(default); prefix: the first N chunks in corpus order")
+    u.add_argument("--seed", type=int, default=0, help="document order seed for --mode documents (default 0)")
+    u.add_argument("--overwrite", action="store_true", help="replace a different database in --out")
+    u.add_argument("--no-progress", action="store_true", help="no progress bars")
+    u.set_defaults(func=_db_subset)
 
     i = subparsers.add_parser("db-info", help="documents, chunks, tokens, tokenizer, embedder, index of a database")
     i.add_argument("db_dir", metavar="DB_DIR")

@@ -13,9 +13,11 @@ Layout of DB_DIR (written by `retro_jax.retrieval.build.build_database`):
   stages/*.json              per-stage settings and results (how to resume)
 
 Neighbour ids always index the train split. Train chunks are stored in corpus order, so the
-first N train chunks are the database built from a prefix of the corpus (database-size
-ablations). Stored neighbours were computed on the FULL database: to use a prefix of N
-chunks, drop neighbour ids >= N (`Database.neighbours(split, prefix=N)`) or recompute.
+first N train chunks are the database built from a prefix of the corpus. For database-size
+ablations, `retro-jax db-subset` (retrieval/subset.py) makes a database whose index covers
+a subset of the train chunks, with its own index and recomputed neighbours, without
+re-embedding; every train chunk is still training data. (`Database.neighbours(split,
+prefix=N)` only masks stored ids >= N: fewer than k may survive.)
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ class Database:
             "decode_errors": m["corpus"]["decode_errors"],
             "settings": m["settings"],
             "versions": m["versions"],
+            "subset": m.get("subset"),
         }
 
     def check(self, sample: int = 1000, seed: int = 0, k: int = 10, verify: bool = True) -> dict[str, Any]:
@@ -249,6 +252,10 @@ class Database:
         missing_neighbours: stored -1 ids (both splits); checksums_ok: every file's sha256.
         """
         train_emb = self.embeddings("train")
+        rows = self.index.row_ids  # a database-size subset indexes only these train chunks
+        if rows is not None:
+            rows = np.asarray(rows)
+            train_emb = train_emb[rows]
         k = min(k, train_emb.shape[0])
         rng = np.random.default_rng(seed)
         queries, drawn = [], {}
@@ -260,6 +267,8 @@ class Database:
         q = np.concatenate(queries)
         got, _ = self.index.search(q, k)
         want, _ = exact_search(train_emb, q, k)
+        if rows is not None:
+            want = np.where(want >= 0, rows[np.maximum(want, 0)], -1)
         hits = [len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, int((w >= 0).sum())) for g, w in zip(got, want)]
         same, missing = {}, {}
         db_docs = self.train.doc_ids

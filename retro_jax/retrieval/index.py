@@ -13,6 +13,10 @@ An index on disk is ``out_dir/index.json`` plus one folder per shard. Shard ``s`
 holds the contiguous global rows ``[start_s, end_s)``; a search fans out to every
 shard and merges the top-k by (distance, global id), so results are deterministic.
 Distances are squared L2 everywhere.
+
+An index may cover a subset of a larger id space (a database-size subset, see
+``retrieval/subset.py``): ``row_ids`` (strictly increasing, saved as ``row_ids.npy``)
+maps its rows to those ids, and ``search`` returns the mapped ids.
 """
 
 from __future__ import annotations
@@ -298,6 +302,17 @@ class ShardedIndex:
         """Embedding width."""
         return int(self.meta["dim"])
 
+    @property
+    def num_ids(self) -> int:
+        """Size of the id space that ``search`` returns ids from (``size`` unless a subset)."""
+        return int(self.meta.get("num_ids", self.meta["size"]))
+
+    @functools.cached_property
+    def row_ids(self) -> np.ndarray | None:
+        """int64 [size]: the id of each indexed row, or None when row r is id r."""
+        name = self.meta.get("row_ids")
+        return None if name is None else np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
+
     @classmethod
     def build(
         cls,
@@ -306,12 +321,16 @@ class ShardedIndex:
         config: IndexConfig = IndexConfig(),
         num_shards: int = 1,
         progress: bool = True,
+        row_ids: np.ndarray | None = None,
+        num_ids: int | None = None,
     ) -> ShardedIndex:
         """Index ``embeddings`` [C, D] (array or memmap) into ``out_dir`` and load it.
 
         Each shard gets ``config.resolved(shard_rows, D)``; an exact shard is copied
         block by block (works for memmaps bigger than RAM), a ScaNN shard is read
         into RAM for training. ``index.json`` is written last, marking completion.
+        ``row_ids`` (int [C], strictly increasing, all < ``num_ids``): the ids that
+        ``search`` returns for the rows, when they are a subset of a larger id space.
         """
         if not hasattr(embeddings, "ndim") or embeddings.ndim != 2:
             raise IndexInputError(f"embeddings must be a 2-D [C, D] array, got shape {getattr(embeddings, 'shape', None)}")
@@ -322,6 +341,12 @@ class ShardedIndex:
             raise IndexInputError(f"embeddings must be floating point, got {embeddings.dtype}")
         if not 1 <= num_shards <= n:
             raise IndexInputError(f"num_shards must be in [1, {n}] for {n} rows, got {num_shards}")
+        if row_ids is not None:
+            row_ids = np.asarray(row_ids, np.int64)
+            total = int(num_ids) if num_ids is not None else int(row_ids[-1]) + 1 if len(row_ids) else 0
+            if (row_ids.shape != (n,) or (n > 1 and np.any(np.diff(row_ids) <= 0))
+                    or row_ids[0] < 0 or row_ids[-1] >= total):
+                raise IndexInputError(f"row_ids must be {n} strictly increasing ids in [0, {total})")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / INDEX_JSON).unlink(missing_ok=True)
@@ -348,6 +373,9 @@ class ShardedIndex:
             "requested_config": dataclasses.asdict(config),
             "shards": shard_meta,
         }
+        if row_ids is not None:
+            np.save(out / "row_ids.npy", row_ids)
+            meta |= {"row_ids": "row_ids.npy", "num_ids": total}
         tmp = out / (INDEX_JSON + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out / INDEX_JSON)
@@ -396,5 +424,10 @@ class ShardedIndex:
             all_i.append(np.where(ids >= 0, ids + start, -1))
             all_d.append(d)
         if len(self._shards) == 1:
-            return all_i[0], all_d[0]
-        return _sort_topk(np.concatenate(all_i, 1), np.concatenate(all_d, 1), k)
+            ids, d = all_i[0], all_d[0]
+        else:
+            ids, d = _sort_topk(np.concatenate(all_i, 1), np.concatenate(all_d, 1), k)
+        rows = self.row_ids
+        if rows is not None:  # an increasing map, so the (distance, id) order is kept
+            ids = np.where(ids >= 0, np.asarray(rows)[np.maximum(ids, 0)], -1)
+        return ids, d

@@ -149,9 +149,10 @@ def _validate(
         raise NeighboursInputError("query_embeddings has no rows: there is nothing to retrieve for")
     if np.shape(query_doc_ids) != (nq,) or not np.issubdtype(np.asarray(query_doc_ids[:1]).dtype, np.integer):
         raise NeighboursInputError(f"query_doc_ids must be integers of shape ({nq},), got {np.shape(query_doc_ids)}")
-    if np.shape(db_doc_ids) != (index.size,) or not np.issubdtype(np.asarray(db_doc_ids[:1]).dtype, np.integer):
+    if np.shape(db_doc_ids) != (index.num_ids,) or not np.issubdtype(np.asarray(db_doc_ids[:1]).dtype, np.integer):
         raise NeighboursInputError(
-            f"db_doc_ids must be integers of shape ({index.size},) (one per indexed chunk), got {np.shape(db_doc_ids)}"
+            f"db_doc_ids must be integers of shape ({index.num_ids},) (one per id the index returns), "
+            f"got {np.shape(db_doc_ids)}"
         )
     if k < 1 or batch_size < 1 or margin < 0:
         raise NeighboursInputError(f"need k >= 1, batch_size >= 1, margin >= 0; got {k}, {batch_size}, {margin}")
@@ -174,7 +175,8 @@ def compute_neighbours(
       index: the database index; ids it returns are rows of ``db_doc_ids``.
       query_embeddings: float [Q, D] (memmap fine; read ``batch_size`` rows at a time).
       query_doc_ids: int [Q], document of each query chunk.
-      db_doc_ids: int [C], document of each indexed chunk (same id space).
+      db_doc_ids: int [C], document of each chunk of the id space the index returns
+        (``index.num_ids``: every database chunk, also when the index covers a subset).
       k: neighbours per query.
       out_path: ``X.npy`` for ids int64 [Q, k]; distances go to ``X.dists.npy``
         and progress to ``X.progress.json``.

@@ -13,7 +13,7 @@ from _db_helpers import BUILD, shared
 
 from retro_jax.retrieval import commands
 from retro_jax.retrieval.database import Database, Retriever
-from retro_jax.retrieval.index import exact_search
+from retro_jax.retrieval.exact import exact_search
 from retro_jax.retrieval.stages import BuildError
 from retro_jax.retrieval.subset import select_rows, subset_database
 

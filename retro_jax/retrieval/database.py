@@ -33,7 +33,8 @@ import numpy as np
 
 from retro_jax.data.chunks import ChunkStore
 from retro_jax.data.tokenizer import Tokenizer
-from retro_jax.retrieval.index import ShardedIndex, exact_search
+from retro_jax.retrieval.exact import exact_search
+from retro_jax.retrieval.index import ShardedIndex
 
 MANIFEST = "manifest.json"
 FORMAT = "retro-jax-database"

@@ -13,7 +13,9 @@ Where the coordinator, process count and process id come from, first match wins:
        Cloud TPU / GKE multi-host  TPU_WORKER_HOSTNAMES with several hosts, or
                  MEGASCALE_COORDINATOR_ADDRESS
      in which case jax.distributed.initialize() is called without arguments and jax fills
-     in the rest (JAX_COORDINATOR_PORT overrides the port it picks).
+     in the rest (JAX_COORDINATOR_PORT overrides the port it picks);
+  4. RETRO_DISTRIBUTED=auto (set by launch/'s tpu-pod backend on every host of a slice):
+     the same call without arguments, for environments jax detects but these variables miss.
 Otherwise (one process) nothing happens. On CPU, cross-process collectives use gloo.
 """
 
@@ -39,6 +41,8 @@ def detected_cluster() -> str | None:
         return "ompi"
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu"
+    if os.environ.get("RETRO_DISTRIBUTED") == "auto":
+        return "auto"
     return None
 
 

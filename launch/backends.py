@@ -104,7 +104,7 @@ def sbatch_script(name: str, commands: list[list[str]], settings: SlurmSettings,
     n = len(commands)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={settings.nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={settings.time}",
-             f"#SBATCH --output={log_dir}/%x-%A_%a.out"]
+             f"#SBATCH --output={log_dir}/" + ("%x-%A_%a.out" if n > 1 or parallel else "%x-%j.out")]
     if n > 1 or parallel:
         lines.append(f"#SBATCH --array=0-{n - 1}" + (f"%{parallel}" if parallel else ""))
     for key, value in (("partition", settings.partition), ("account", settings.account),

@@ -5,8 +5,9 @@ database, for each model size, with its baseline beside it and the alpha = 0.125
     python launch/sweep.py --sweep configs/sweeps/db_size.py        (about 45 minutes on 2 cores)
     python launch/report.py out/sweeps/db_size
 The database is the standard library of this Python (the quickstart's corpus), its first
-10,000 training chunks; the smaller sizes are seeded, nested document samples of it
-(retro_jax/retrieval/subset.py). Training follows the quickstart: 150 steps of 16 x 256 tokens.
+8,000 training chunks; the smaller sizes are seeded, nested document samples of it
+(retro_jax/retrieval/subset.py). Training is the quickstart's (150 steps, its learning rate and
+warm-up) at half its batch, 8 x 256 tokens, so that 16 runs fit the time on 2 cores.
 """
 
 from retro_jax.quickstart import train_overrides
@@ -19,8 +20,8 @@ def get_sweep():
         name="db_size",
         out="out/sweeps/db_size",
         database=dict(path="out/sweeps/db_size/database",
-                      build=dict(corpus=None, max_chunks=10_000, val_fraction=0.1, seed=0)),
-        db_chunks=[1_000, 3_000, "all"],
+                      build=dict(corpus=None, max_chunks=8_000, val_fraction=0.1, seed=0)),
+        db_chunks=[800, 2_500, "all"],
         subset=dict(mode="documents", seed=0),
         models=[
             "tiny",
@@ -29,6 +30,6 @@ def get_sweep():
         ],
         seeds=[0, 1],
         steps=STEPS,
-        overrides=[o for o in train_overrides(STEPS) if not o.startswith("train.steps=")],
+        overrides=[o for o in train_overrides(STEPS) if not o.startswith("train.steps=")] + ["train.batch_size=8"],
         neighbour_sweep=[],
     )

@@ -47,7 +47,10 @@ Parameter counts of both (total and without token/position embeddings and logits
 
     .venv/bin/python bench/peer_train_step.py [--shapes A,B] [--dtype f32] [--reps 3] [--steps N]
         [--device cpu|gpu] [--peer-python /work/peer-venv/bin/python] [--peer-path DIR]
-        [--heads 8x32] [--peer-dim-head D] [--json OUT] [--quick]
+        [--heads 8x32] [--peer-dim-head D] [--peer-env KEY=VALUE] [--json OUT] [--quick]
+
+Run it on an idle machine: under CPU contention torch's spinning OpenMP threads slow down far
+more than XLA's (see the warning it prints), which would flatter our ratio.
 
 The peer environment (never the project's requirements): bench/peer/requirements.txt.
 On a GPU machine: bench/peer/gpu_run.sh.
@@ -72,6 +75,7 @@ MODEL = dict(vocab=8192, d=256, layers=6, cca_layers=(3, 6), enc_d=256, enc_laye
 OPT = dict(lr=2e-4, b1=0.9, b2=0.95, weight_decay=0.1, clip=1.0)
 PEER_HEADS = 8  # retro-pytorch 0.3.9 hard-wires 8 heads (RETRO's `heads` argument is not passed on)
 DTYPES = ("f32", "tf32", "bf16")
+PRECISION = {"f32": "highest", "tf32": "tensorfloat32", "bf16": "default"}  # JAX's matmul precision on GPU
 # Datasheet dense peaks (FLOP/s) by dtype, by device_kind substring (the first match wins).
 PEAKS = [("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "f32": 51.2e12}),
          ("H100", {"bf16": 989e12, "tf32": 494.7e12, "f32": 66.9e12}),
@@ -150,7 +154,7 @@ def _peer_build(spec: dict) -> dict:
     info = {"params_total": total, "params_non_embedding": total - emb, "heads": attn.heads,
             "dim_head": attn.to_q.out_features // attn.heads, "torch": torch.__version__,
             "retro_pytorch": version, "retro_pytorch_path": where, "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else platform.machine(),
             "warmup_s": time.perf_counter() - t0, "loss": loss.item()}
     return {"info": info, "step": step, "sync": sync}
 
@@ -181,8 +185,8 @@ def peer_worker() -> None:
 class Peer:
     """The peer worker subprocess, driven line by line."""
 
-    def __init__(self, python: str, path: str | None):
-        env = dict(os.environ)
+    def __init__(self, python: str, path: str | None, extra_env: dict[str, str]):
+        env = dict(os.environ, **extra_env)
         if path:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(path).resolve()), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker"], env=env,
@@ -251,7 +255,7 @@ def build_ours(cfg, batch: int, seq: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(steps):
             holder["state"], metrics = compiled(holder["state"], data)
-        metrics["loss"].block_until_ready()
+        jax.block_until_ready((holder["state"], metrics))  # the last update too, not just the loss
         holder["loss"] = float(metrics["loss"])
         return time.perf_counter() - t0
 
@@ -300,8 +304,8 @@ def bench_one(shape: str, dtype: str, args, peer: Peer, device) -> dict:
 
     batch, seq = SHAPES[shape]
     gpu = args.device == "gpu"
-    if gpu:  # f32 strict, or TF32 allowed: the same choice in both frameworks
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if dtype == "tf32" else "highest")
+    if gpu:  # f32 strict, or TF32 allowed: the same choice in both frameworks; bf16 as it comes
+        jax.config.update("jax_default_matmul_precision", PRECISION[dtype])
     cfg = our_config(args.heads, dtype)
     ours = build_ours(cfg, batch, seq, args.warmup)
     print(f"  ours: compiled in {ours['compile_s']:.0f} s, warm-up {ours['warmup_s']:.1f} s", flush=True)
@@ -319,17 +323,19 @@ def bench_one(shape: str, dtype: str, args, peer: Peer, device) -> dict:
         t_peer = peer.ask(f"run {args.steps}")["seconds"]
         rows.append({"ours_s": t_ours, "peer_s": t_peer, "ours_tokens_per_s": tokens / t_ours,
                      "peer_tokens_per_s": tokens / t_peer, "ratio": t_peer / t_ours, "matmul_flop_s": ceiling,
-                     "ours_fraction_of_matmul": ours["flops_per_step"] * args.steps / t_ours / ceiling})
+                     "ours_fraction_of_matmul": ours["flops_per_step"] * args.steps / t_ours / ceiling,
+                     "load_average": os.getloadavg()[0]})
         print(f"  rep {rep + 1}: ours {tokens / t_ours:,.0f} tok/s, peer {tokens / t_peer:,.0f} tok/s, "
               f"ratio {t_peer / t_ours:.2f}, matmul {ceiling / 1e9:,.0f} GFLOP/s", flush=True)
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     ours_tps = med("ours_tokens_per_s")
     peak = peak_flops(device.device_kind, dtype) if gpu else float("nan")
+    mfu = ours["flops_per_step"] * ours_tps / (batch * seq) / peak
     return {"shape": shape, "batch": batch, "seq_len": seq, "dtype": dtype, "steps_per_run": args.steps,
             "reps": args.reps, "ours_tokens_per_s": ours_tps, "peer_tokens_per_s": med("peer_tokens_per_s"),
             "ratio": med("ratio"), "matmul_flop_s": med("matmul_flop_s"),
             "ours_fraction_of_matmul": med("ours_fraction_of_matmul"),
-            "peak_flop_s": peak, "ours_mfu": ours["flops_per_step"] * ours_tps / (batch * seq) / peak,
+            "peak_flop_s": None if peak != peak else peak, "ours_mfu": None if mfu != mfu else mfu,
             "ours_model_flops_per_step": ours["flops_per_step"], "ours_compile_s": ours["compile_s"],
             "ours_params_total": ours["params_total"], "ours_params_non_embedding": ours["params_non_embedding"],
             "ours_heads": f"{args.heads[0]}x{args.heads[1]}", "ours_loss": ours["holder"]["loss"],
@@ -349,6 +355,8 @@ def main() -> None:
     ap.add_argument("--peer-dim-head", type=int, help="default: our attention width / 8")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python")
     ap.add_argument("--peer-path", help="a folder prepended to the peer's PYTHONPATH (an unpacked retro_pytorch)")
+    ap.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in the peer's environment (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--quick", action="store_true", help="smoke run: shape S (1 x 512), 2 runs of 1 step each")
     args = ap.parse_args()
@@ -385,8 +393,13 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device.platform} ({device.device_kind}), "
           f"jax {jax.__version__}; load average {load0:.1f}", flush=True)
+    if not gpu and load0 > 0.5 * os.cpu_count():
+        print(f"WARNING: this machine is busy (load average {load0:.1f} on {os.cpu_count()} cores). torch's "
+              "OpenMP threads spin while they wait and collapse when other processes take their cores (10-20x "
+              "slower steps seen), far more than XLA's: the ratio would flatter ours. Rerun on an idle machine "
+              "(or see what --peer-env OMP_WAIT_POLICY=PASSIVE changes).", file=sys.stderr, flush=True)
     results, t_start = [], time.perf_counter()
-    peer = Peer(args.peer_python, args.peer_path)
+    peer = Peer(args.peer_python, args.peer_path, dict(kv.split("=", 1) for kv in args.peer_env))
     try:
         for shape in shapes:
             for dtype in dtypes:
@@ -405,8 +418,9 @@ def main() -> None:
           f"measured matmul TFLOP/s |\n|---|---|---|---|---|---|---|")
     for r in results:
         frac = r["ours_mfu"] if gpu else r["ours_fraction_of_matmul"]
+        frac = "n/a (unknown device)" if frac is None else f"{100 * frac:.1f}%"
         print(f"| {r['batch']} x {r['seq_len']} | {r['dtype']} | {r['ours_tokens_per_s']:,.0f} | "
-              f"{r['peer_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {100 * frac:.1f}% | "
+              f"{r['peer_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {frac} | "
               f"{r['matmul_flop_s'] / 1e12:.3g} |")
     print(f"\n{args.reps} alternating runs of {args.steps} steps each; medians. Wall {wall:.0f} s, "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}.")
@@ -414,7 +428,8 @@ def main() -> None:
         out = {"machine": {"arch": platform.machine(), "cores": os.cpu_count(), "platform": device.platform,
                            "device_kind": device.device_kind, "jax": jax.__version__,
                            "load_average_start": load0, "load_average_end": os.getloadavg()[0]},
-               "device": args.device, "model": MODEL, "optimizer": OPT, "wall_s": wall, "results": results}
+               "device": args.device, "peer_env": args.peer_env, "model": MODEL, "optimizer": OPT, "wall_s": wall,
+               "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -32,6 +32,9 @@ What differs between the two models (what retro-pytorch 0.3.9's constructor allo
   * Positions: the peer adds learned absolute position embeddings (max_seq_len 2048) and
     applies rotary embeddings to min(dim_head, 32) dims of q and k; ours uses Transformer-XL
     relative positions (sinusoids projected by W_R, u/v biases, the skew), as the paper does.
+    These cost ours extra matmuls (the position logits over every distance: about as many
+    FLOPs again as the content logits) that rotary does not, so at equal widths ours does more
+    FLOPs per step; our fraction of the ceiling / MFU counts them (flops_per_token).
   * Embeddings: the peer shares one token table between decoder input and encoder and its
     logits layer has a bias; ours has separate decoder and encoder tables and no bias.
   * Biases: the peer's attention output and FFW layers have biases; its encoder ends with a

@@ -7,7 +7,7 @@ OUT    ?= out/quickstart
 # Tests use a few parallel workers; XLA compiles dominate and are CPU-bound.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test quickstart bench clean
+.PHONY: install test quickstart bench bench-peer clean
 
 install: $(STAMP)
 
@@ -29,6 +29,21 @@ quickstart: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+# The peer (lucidrains' retro-pytorch) in its own environment outside the repo, never in ours.
+PEER_VENV ?= $(abspath ..)/peer-venv
+PEER_PY   := $(PEER_VENV)/bin/python
+PEER_REQ  := bench/peer/requirements.txt
+
+$(PEER_VENV)/.installed: $(PEER_REQ)
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet "$$(grep '^torch==' $(PEER_REQ))+cpu" --index-url https://download.pytorch.org/whl/cpu \
+	  || $(PEER_PY) -m pip install --quiet "$$(grep '^torch==' $(PEER_REQ))"
+	$(PEER_PY) -m pip install --quiet --no-deps -r $(PEER_REQ)
+	touch $@
+
+bench-peer: $(STAMP) $(PEER_VENV)/.installed
+	$(PY) bench/peer_train_step.py --peer-python $(PEER_PY) --json out/bench/peer_train_step.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -46,6 +46,7 @@ def _decode_all(params, cfg: ModelConfig, tokens: np.ndarray, neighbours: np.nda
     return np.stack(out, axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,retrieval", [("tiny", True), ("tiny", False), ("tiny-baseline", False)])
 def test_cached_decoding_matches_the_full_forward_at_every_position(preset, retrieval):
     cfg = dataclasses.replace(ModelConfig.from_preset(preset), scan_layers=False, cca_zero_init=False)

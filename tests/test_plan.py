@@ -43,6 +43,7 @@ def test_plan_reports_the_bytes_the_sharded_state_and_batch_occupy():
     assert 0.8 < report["flops_per_step"] / report["model_flops_per_step"] < 1.2
 
 
+@pytest.mark.slow
 def test_microbatches_and_rematerialised_scanned_layers_cut_the_memory_plan_reports():
     """The same step, batch and mesh: gradient accumulation and full remat need fewer temporaries."""
     base = ["model.num_layers=6", "model.cca_layers=(2,4,6)", "train.batch_size=16", "train.seq_len=256",

@@ -71,6 +71,7 @@ def test_a_scanned_retro_is_its_scanned_baseline_plus_the_retrieval_weights():
     assert kept == {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in base}
 
 
+@pytest.mark.slow
 def test_scanned_model_is_causal():
     params, batch, _, _ = unrolled()
     cfg = CFG.replace(scan_layers=True, remat_policy="full")

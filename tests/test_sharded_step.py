@@ -145,6 +145,7 @@ def test_sharded_forward_matches_one_device(reference):
     np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [2, 4])
 def test_gradient_accumulation_gives_the_whole_batch_update(reference, microbatches):
     """train.microbatches: the same losses and parameters as one pass over the whole batch

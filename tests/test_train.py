@@ -68,7 +68,8 @@ def _cli(db: str, workdir: Path, steps: int) -> list[str]:
 
 
 STEPS = 10
-ENV_8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+ENV_8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,7 @@ def _wait_for_lines(path: Path, n: int, procs: list, timeout: float = 240) -> No
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes_bit_for_bit(db, tmp_path, uninterrupted):
     env, steps, ref = ENV_8, STEPS, uninterrupted
 
@@ -104,6 +106,7 @@ def test_sigkill_then_same_command_resumes_bit_for_bit(db, tmp_path, uninterrupt
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [[], SCAN], ids=["unrolled", "scanned"])
 def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_off(db, tmp_path, layers):
     base_dir, retro_dir = tmp_path / "baseline", tmp_path / "retrofit"
@@ -176,8 +179,10 @@ def test_bad_input_is_a_clear_message_before_compiling(db, tmp_path, capsys, ext
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_of_the_current_step_and_exits_cleanly(db, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu")
     run = tmp_path / "w"
     proc = subprocess.Popen(_cli(db, run, 1000), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
@@ -242,7 +247,7 @@ def test_a_workdir_whose_checkpoints_are_all_unreadable_never_starts_from_scratc
 
 def _two_processes(db: str, workdir: Path, port: int) -> list[subprocess.Popen]:
     """`retro-jax train` as 2 processes x 4 CPU devices (gloo, a localhost coordinator): one 2x2x2 mesh."""
-    env = dict(ENV_8, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(ENV_8, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
     return [subprocess.Popen([*_cli(db, workdir, STEPS), "--coordinator", f"localhost:{port}", "--num-processes", "2",
                               "--process-id", str(i)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True) for i in range(2)]

@@ -1,0 +1,1 @@
+"""Sweeps and cluster launches of retro-jax runs (see launch/README.md)."""

@@ -9,7 +9,8 @@ paired by seed, and the same at alpha = 0.125 (chunks sharing fewer than 8 conti
 their neighbours); mean ± standard deviation over the seeds that finished. Runs that are
 missing, unfinished or failed are listed, never silently left out. The plot is the paper's
 Figure 1 (middle): bpb against database size (log axis) per model, baselines as horizontal lines,
-and the alpha = 0.125 curve beside it.
+and the alpha = 0.125 curves beside it (there the baseline is scored on the chunks that pass the
+filter at each size, so it is a dashed curve, not a line).
 """
 
 from __future__ import annotations
@@ -139,8 +140,12 @@ def plot(g: dict[str, Any], path: Path) -> Path:
             ax.errorbar(x, [r["retro_bpb" + suffix] for r in rows],
                         yerr=[0 if not math.isfinite(r["retro_bpb" + suffix + "_std"]) else r["retro_bpb" + suffix + "_std"]
                               for r in rows], color=c, marker="o", capsize=3, label=f"{model} RETRO")
-            base = _stats([r["baseline_bpb" + suffix] for r in rows])[0]
-            ax.axhline(base, color=c, linestyle="--", linewidth=1, label=f"{model} baseline")
+            if suffix:  # which chunks pass the filter depends on the database: the baseline's too
+                ax.plot(x, [r["baseline_bpb" + suffix] for r in rows], color=c, linestyle="--", marker="x",
+                        linewidth=1, label=f"{model} baseline")
+            else:  # the baseline reads nothing: one value whatever the database
+                base = _stats([r["baseline_bpb"] for r in rows])[0]
+                ax.axhline(base, color=c, linestyle="--", linewidth=1, label=f"{model} baseline")
         ax.set_xscale("log")
         ax.set_xlabel("retrieval database size (tokens)")
         ax.set_ylabel("validation bits per byte")

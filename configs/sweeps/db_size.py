@@ -4,8 +4,8 @@ The paper's Figure 1 (middle) in miniature: validation bpb against the size of t
 database, for each model size, with its baseline beside it and the alpha = 0.125 curve.
     python launch/sweep.py --sweep configs/sweeps/db_size.py        (about 45 minutes on 2 cores)
     python launch/report.py out/sweeps/db_size
-The database is the standard library of this Python (the quickstart's corpus), its first
-8,000 training chunks; the smaller sizes are seeded, nested document samples of it
+The database is the quickstart's: the standard library of this Python, its first 5,000
+training chunks; the smaller sizes are seeded, nested document samples of it
 (retro_jax/retrieval/subset.py). Training is the quickstart's (150 steps, its learning rate and
 warm-up) at half its batch, 8 x 256 tokens, so that 16 runs fit the time on 2 cores.
 """
@@ -20,8 +20,8 @@ def get_sweep():
         name="db_size",
         out="out/sweeps/db_size",
         database=dict(path="out/sweeps/db_size/database",
-                      build=dict(corpus=None, max_chunks=8_000, val_fraction=0.1, seed=0)),
-        db_chunks=[800, 2_500, "all"],
+                      build=dict(corpus=None, max_chunks=5_000, val_fraction=0.1, seed=0)),
+        db_chunks=[500, 1_600, "all"],
         subset=dict(mode="documents", seed=0),
         models=[
             "tiny",

@@ -7,8 +7,8 @@ import pytest
 
 from retro_jax.train import distributed
 
-CLUSTER_ENV = ("RETRO_COORDINATOR", "RETRO_NUM_PROCESSES", "RETRO_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
-               "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+CLUSTER_ENV = ("RETRO_DISTRIBUTED", "RETRO_COORDINATOR", "RETRO_NUM_PROCESSES", "RETRO_PROCESS_ID",
+               "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def test_single_process_is_a_no_op(monkeypatch):
@@ -36,3 +36,6 @@ def test_cluster_detection(monkeypatch):
     assert distributed.detected_cluster() is None
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert distributed.detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("RETRO_DISTRIBUTED", "auto")  # what launch/'s tpu-pod backend sets on every host
+    assert distributed.detected_cluster() == "auto"

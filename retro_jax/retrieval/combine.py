@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from retro_jax.data.chunks import ChunkStore, ChunkWriter
 from retro_jax.data.tokenizer import Tokenizer
 from retro_jax.retrieval import database as dbl
-from retro_jax.retrieval.stages import BuildError, Stage, diff_settings, read_json
+from retro_jax.retrieval.stages import BuildError, Stage, chunk_settings, diff_settings, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ def combine_slices(root: Path, dirs: list[Path], overwrite: bool, progress: bool
         return done["settings"], done
     e = recs[0]["embed"]
     tok_rec = read_json(root / "stages" / "tokenizer.json")
-    settings = {k: base[k] for k in ("corpus", "max_documents", "val_fraction", "seed", "dedup", "chunk_size",
-                                     "max_chunks", "num_workers")}
-    if "sample_documents" in base:
-        settings["sample_documents"] = base["sample_documents"]
+    settings = chunk_settings(base)
     settings |= {"vocab_size": tok_rec["settings"].get("vocab_size"), "embedder": e["settings"]["embedder"],
                  "max_length": e["settings"]["max_length"], "embed_batch_size": e["settings"]["batch_size"],
                  "embed_block": e["settings"]["block"]}

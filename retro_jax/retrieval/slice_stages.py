@@ -22,7 +22,7 @@ from retro_jax.data.dedup import NearDuplicateFilter
 from retro_jax.data.split import is_validation, sampled
 from retro_jax.data.tokenizer import Tokenizer, train_tokenizer
 from retro_jax.retrieval import database as dbl
-from retro_jax.retrieval.stages import BuildError, Stage, read_json, write_json
+from retro_jax.retrieval.stages import BuildError, Stage, chunk_settings, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,8 @@ def tokenizer_stage(root: Path, s: dict[str, Any], given: str | None, worker: in
 
 def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, overwrite: bool,
                   progress: bool) -> dict[str, Any]:
-    settings = {**{k: s[k] for k in ("corpus", "max_documents", "val_fraction", "seed", "dedup",
-                                     "chunk_size", "max_chunks", "num_workers")},
-                "tokenizer_sha256": tok.sha256, "worker": worker}
-    keep = s.get("sample_documents", 1.0)
-    if keep < 1.0:
-        settings["sample_documents"] = keep
+    settings = {**chunk_settings(s), "tokenizer_sha256": tok.sha256, "worker": worker}
+    keep = settings.get("sample_documents", 1.0)
     outs = [dbl.chunks_dir(sdir, split) for split in dbl.SPLITS]
     stage = Stage(sdir / "stages" / "chunks.json", outs, overwrite, str(sdir))
     done = stage.start(settings)

@@ -18,6 +18,19 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# The settings that decide which documents become which chunks (the chunks and combine stages).
+CHUNK_KEYS = ("corpus", "max_documents", "val_fraction", "seed", "dedup", "chunk_size", "max_chunks", "num_workers")
+
+
+def chunk_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """CHUNK_KEYS of the build settings `s`, and `sample_documents` only when it is below 1, so that a
+    database built before the option existed still matches its settings."""
+    out = {k: s[k] for k in CHUNK_KEYS}
+    if s.get("sample_documents", 1.0) < 1.0:
+        out["sample_documents"] = float(s["sample_documents"])
+    return out
+
+
 class BuildError(ValueError):
     """Bad build input, or an output folder holding a different database."""
 

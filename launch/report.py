@@ -85,8 +85,9 @@ def gather(sweep_dir: str | Path) -> dict[str, Any]:
             }
             for key, vals in series.items():
                 row[key], row[key + "_std"] = _stats(vals)
-            counts = done[0].get("alpha_counts", {}).get(ALPHA, {})
-            row["chunks_a0125_share"] = counts.get("chunk_share", float("nan"))
+            counts = done[0].get("alpha_counts", {})
+            total = counts.get("1", {}).get("chunks") or 0
+            row["chunks_a0125_share"] = counts[ALPHA]["chunks"] / total if total else float("nan")
             rows.append(row)
     return {"rows": rows, "runs": per_run, "problems": problems, "sweep": spec}
 

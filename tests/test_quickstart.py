@@ -1,24 +1,32 @@
-"""`make quickstart` end to end at a tiny size, exactly the path the Makefile runs (the embedded
-stdlib corpus, the real MiniLM embedder, both trainings, the evaluation report), so it cannot
-silently break; and a rerun skips what is complete and reproduces the same numbers."""
+"""`make quickstart` end to end at a tiny size, exactly the path the Makefile runs (a fresh
+`retro-jax quickstart` process on this machine's one CPU device: the embedded stdlib corpus, the
+real MiniLM embedder, both trainings, the evaluation report), so it cannot silently break; and a
+rerun skips what is complete and reproduces the same numbers."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from retro_jax.cli import main as cli_main
-
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
+def _quickstart(argv: list[str]) -> str:
+    """`retro-jax quickstart ...` as the Makefile runs it; its standard output."""
+    done = subprocess.run([sys.executable, "-m", "retro_jax.cli", *argv], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path):
     out = tmp_path / "qs"
     argv = ["quickstart", "--out", str(out), "--steps", "3", "--max-chunks", "300", "--val-fraction", "0.2"]
-    assert cli_main(argv) == 0
-    printed = capsys.readouterr().out
+    printed = _quickstart(argv)
     assert "RETRO [on] (k=2)" in printed and "bpb(alpha=0.125)" in printed  # the report's table
     assert "retrieval on - off:" in printed and "PAID OFF" not in printed  # no verdict off the default budget
     summary = json.loads((out / "quickstart.json").read_text())
@@ -30,8 +38,7 @@ def test_quickstart_end_to_end_then_rerun_skips_and_agrees(tmp_path, capsys):
     assert (out / "retro" / "eval_validation_bpb_alpha.png").read_bytes()[:4] == b"\x89PNG"
 
     built = {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()}
-    assert cli_main(argv) == 0  # the database, both runs and their evaluation are complete
-    assert "evaluated already" in capsys.readouterr().out
+    assert "evaluated already" in _quickstart(argv)  # the database, both runs and their evaluation are complete
     assert {p: p.stat().st_mtime_ns for p in (out / "db").rglob("*") if p.is_file()} == built
     assert {name: (out / name / "metrics.jsonl").read_text() for name in metrics} == metrics  # no step retrained
     assert json.loads((out / "quickstart.json").read_text())["bpb"] == summary["bpb"]

@@ -11,16 +11,16 @@ MARGIN_BPB bits per byte. The real frozen BERT (all-MiniLM-L6-v2) does the retri
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from retro_jax.config import apply_overrides, load_config
 from retro_jax.data.split import is_validation
 from retro_jax.eval.run import evaluate
 from retro_jax.retrieval.build import build_database
-from retro_jax.train.loop import train
 
 SEED, VAL_FRACTION = 0, 0.25
 N_VALIDATION = 5
@@ -60,7 +60,12 @@ def test_retrieval_reads_planted_near_duplicates(tmp_path):
     db = tmp_path / "db"
     build_database([str(tmp_path / "corpus")], str(db), val_fraction=VAL_FRACTION, seed=SEED, vocab_size=512,
                    chunk_size=32, index_mode="exact", dedup=False, progress=False)
-    train(apply_overrides(load_config("tiny"), MODEL + TRAIN), str(db), str(tmp_path / "retro"), progress=False)
+    # `retro-jax train` in its own process, on one CPU device (as a user runs it; 8 fake devices
+    # sharing 2 cores only slow the 200 steps down).
+    done = subprocess.run([sys.executable, "-m", "retro_jax.cli", "train", "--config", "tiny", "--db", str(db),
+                           "--workdir", str(tmp_path / "retro"), "--no-progress",
+                           *[f"--config.{o}" for o in MODEL + TRAIN]], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
     report = evaluate(str(tmp_path / "retro"), str(db), ks=(), progress=False, write=False)
     on, off = report["bpb"]["retro"], report["bpb"]["retro_off"]
     # The planted copies are what the leakage filter sees: most validation chunks overlap a neighbour.

@@ -74,6 +74,38 @@ def run_local(groups: list[list[Job]], parallel: int = 1, dry_run: bool = False,
     return codes
 
 
+def _settings(cls: Any, d: dict[str, Any], what: str) -> Any:
+    """A settings dataclass from a dict, naming any key it does not have."""
+    known = set(cls.__dataclass_fields__)
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def add_cluster_flags(parser: Any, slurm_title: str = "slurm", tpu_title: str = "tpu-pod") -> None:
+    """The --partition/--account/--time/--nodes/--gpus-per-node and --tpu/--zone/--project/--repo
+    flags that launch/sweep.py and launch/run.py share (read back with `cluster_flags`)."""
+    s = parser.add_argument_group(slurm_title)
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--time", help="wall-clock limit per job, e.g. 24:00:00")
+    s.add_argument("--nodes", type=int, help="nodes per job (one process per node)")
+    s.add_argument("--gpus-per-node", type=int)
+    t = parser.add_argument_group(tpu_title)
+    t.add_argument("--tpu", help="TPU VM (slice) name")
+    t.add_argument("--zone")
+    t.add_argument("--project")
+    t.add_argument("--repo", help="the repository's folder on every host (default ~/retro-jax)")
+
+
+def cluster_flags(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(slurm settings, tpu settings) given on the command line by `add_cluster_flags`' flags."""
+    slurm = {k: getattr(args, k) for k in ("partition", "account", "time", "nodes", "gpus_per_node")}
+    tpu = {"name": args.tpu, "zone": args.zone, "project": args.project, "repo": args.repo}
+    return ({k: v for k, v in slurm.items() if v is not None}, {k: v for k, v in tpu.items() if v is not None})
+
+
 # ----------------------------------------------------------------------------- slurm
 
 
@@ -90,11 +122,7 @@ class SlurmSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlurmSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown slurm settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return _settings(cls, d, "slurm")
 
 
 def sbatch_script(name: str, commands: list[list[str]], settings: SlurmSettings, workdir: Path,
@@ -166,11 +194,7 @@ class TpuSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TpuSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown tpu settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return _settings(cls, d, "tpu")
 
 
 def gcloud_ssh(settings: TpuSettings, command: list[str]) -> list[str]:

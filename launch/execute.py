@@ -152,9 +152,9 @@ def execute(sweep: Sweep, run: Run, progress: bool = False, baseline_timeout_s: 
     _write(d / "run.json", {"id": run.id, "sweep": sweep.name, **run.settings})
     t0 = time.time()
     try:
-        if run.kind == "retro" and status(sweep, sweep.baseline_for(run)) == "failed":  # before any work
-            raise RunError(f"its baseline {sweep.baseline_for(run).id} failed: see "
-                           f"{sweep.run_dir(sweep.baseline_for(run)) / FAILED}")
+        base_run = sweep.baseline_for(run) if run.kind == "retro" else None
+        if base_run is not None and status(sweep, base_run) == "failed":  # before any work
+            raise RunError(f"its baseline {base_run.id} failed: see {sweep.run_dir(base_run) / FAILED}")
         db = database_for(sweep, run, progress)
         config = run_config(sweep, run)
         last = train(config, str(db), str(d / "train"), progress=progress)
@@ -165,7 +165,7 @@ def execute(sweep: Sweep, run: Run, progress: bool = False, baseline_timeout_s: 
         result["database"] = {"path": str(db), "chunks": sub["chunks"] if sub else manifest["counts"]["train"]["chunks"],
                               "tokens": sub["tokens"] if sub else manifest["counts"]["train"]["tokens"]}
         if run.kind == "retro":
-            base = _wait_for(sweep, sweep.baseline_for(run), baseline_timeout_s)
+            base = _wait_for(sweep, base_run, baseline_timeout_s)
             report = evaluate(str(d / "train"), str(db), baseline=str(base), out_dir=str(d), progress=progress,
                               ks=tuple(sweep.neighbour_sweep))
             result |= {k: report[k] for k in ("bpb", "bpb_alpha", "loss_per_token", "alpha_counts",

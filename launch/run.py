@@ -57,22 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; run nothing")
     p.add_argument("--name", default="retro-jax", help="job name (default retro-jax)")
     p.add_argument("--python", help="Python on the machines (default: this one; tpu-pod: python3)")
-    s = p.add_argument_group("slurm")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--time", help="wall-clock limit, e.g. 72:00:00")
-    s.add_argument("--nodes", type=int, help="nodes (one process per node)")
-    s.add_argument("--gpus-per-node", type=int)
-    t = p.add_argument_group("tpu-pod")
-    t.add_argument("--tpu", help="TPU VM (slice) name")
-    t.add_argument("--zone")
-    t.add_argument("--project")
-    t.add_argument("--repo", help="the repository's folder on every host (default ~/retro-jax)")
+    backends.add_cluster_flags(p)
     args = p.parse_args(own)
-    slurm = {k: v for k, v in (("partition", args.partition), ("account", args.account), ("time", args.time),
-                               ("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node)) if v is not None}
-    tpu = {k: v for k, v in (("name", args.tpu), ("zone", args.zone), ("project", args.project),
-                             ("repo", args.repo)) if v is not None}
+    slurm, tpu = backends.cluster_flags(args)
     try:
         return launch(command, args.backend, args.dry_run, args.name, slurm, tpu, args.python)
     except (ValueError, RuntimeError, OSError) as e:

@@ -100,17 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", help="Python for the runs (default: this one; tpu-pod: python3 on the hosts)")
     p.add_argument("--run", metavar="RUN_ID", help="execute this one run here (what every backend runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (with --run)")
-    s = p.add_argument_group("slurm (override the sweep's 'slurm' settings)")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--time", help="wall-clock limit per run, e.g. 24:00:00")
-    s.add_argument("--nodes", type=int, help="nodes per run (one process per node)")
-    s.add_argument("--gpus-per-node", type=int)
-    t = p.add_argument_group("tpu-pod (override the sweep's 'tpu' settings)")
-    t.add_argument("--tpu", help="TPU VM (slice) name")
-    t.add_argument("--zone")
-    t.add_argument("--project")
-    t.add_argument("--repo", help="the repository's folder on every host (default ~/retro-jax)")
+    backends.add_cluster_flags(p, "slurm (override the sweep's 'slurm' settings)",
+                               "tpu-pod (override the sweep's 'tpu' settings)")
     args = p.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, args.out)
@@ -119,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             result = execute(sweep, sweep.run(args.run), progress=not args.no_progress)
             print(json.dumps({k: result.get(k) for k in ("id", "bpb", "bpb_alpha", "seconds")}))
             return 0
-        slurm = {k: v for k, v in (("partition", args.partition), ("account", args.account), ("time", args.time),
-                                   ("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node)) if v is not None}
-        tpu = {k: v for k, v in (("name", args.tpu), ("zone", args.zone), ("project", args.project),
-                                 ("repo", args.repo)) if v is not None}
+        slurm, tpu = backends.cluster_flags(args)
         launch(sweep, args.backend, args.parallel, args.dry_run, slurm, tpu, args.python)
     except (SweepError, ValueError, RuntimeError, OSError) as e:
         print(f"launch/sweep.py: error: {e}", file=sys.stderr)

@@ -65,8 +65,9 @@ def launch(sweep: Sweep, backend: str = "local", parallel: int = 1, dry_run: boo
         if failed:
             echo(f"{len(failed)} run(s) failed: " + ", ".join(failed))
     elif backend == "slurm":
-        settings = backends.SlurmSettings.from_dict({**sweep.slurm, **(slurm or {})})
-        py = python or sweep.slurm.get("python") or backends.python()
+        given = {**sweep.slurm, **(slurm or {})}
+        py = python or given.pop("python", None) or backends.python()  # the runs' interpreter, not sbatch's
+        settings = backends.SlurmSettings.from_dict(given)
         folder = sweep.out / "slurm"
         scripts = [(f"{g[0].kind}.sbatch",
                     backends.sbatch_script(f"{sweep.name}-{g[0].kind}", [run_argv(sweep, r.id, py) for r in g],

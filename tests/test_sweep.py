@@ -62,8 +62,9 @@ def test_dry_runs_print_what_each_backend_runs_and_write_nothing(tmp_path):
 
     lines.clear()
     sweep_lib.launch(s, "slurm", parallel=2, dry_run=True, echo=lines.append,
-                     slurm=dict(nodes=2, gpus_per_node=8, partition="gpu"))
+                     slurm=dict(nodes=2, gpus_per_node=8, partition="gpu", python="/opt/venv/bin/python"))
     text = "\n".join(lines)
+    assert text.count("srun --kill-on-bad-exit=1 /opt/venv/bin/python ") == 6  # the runs' interpreter
     assert "#SBATCH --array=0-1%2" in text and "#SBATCH --array=0-3%2" in text  # 2 baselines, then 4 RETRO runs
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text and "--gpus-per-node=8" in text
     assert text.count("srun --kill-on-bad-exit=1") == 6

@@ -163,19 +163,29 @@ def test_max_chunks_keeps_a_corpus_prefix_across_workers(base, tmp_path):
 def test_sample_documents_keeps_a_seeded_sample_of_both_splits_spread_over_the_corpus(base, tmp_path):
     from retro_jax.data.split import sampled
 
-    full = Database.open(base["db"])
+    # The split and the sample both hash each file's full path (a tmp folder): draw corpora until
+    # both splits hold a sampled document, so the test does not depend on where tmp is.
+    for attempt in range(50):
+        root = tmp_path / f"corpus{attempt}"
+        corpus = write_corpus(root, seed=attempt)
+        val = set(validation_paths(corpus))
+        kept = [p for p in corpus if sampled(str(p), BUILD["seed"], 0.5)]
+        if any(p in val for p in kept) and any(p not in val for p in kept):
+            break
+    tok = str(base["db"] / "tokenizer.model")
+    build_database([str(root)], str(tmp_path / "full"), embedder=str(base["bert"]), tokenizer=tok, **BUILD)
+    full = Database.open(tmp_path / "full")
     out = tmp_path / "db"
-    build_database([str(base["corpus_dir"])], str(out), embedder=str(base["bert"]), sample_documents=0.5,
-                   tokenizer=str(base["db"] / "tokenizer.model"), **BUILD)
+    build_database([str(root)], str(out), embedder=str(base["bert"]), sample_documents=0.5, tokenizer=tok, **BUILD)
     part = Database.open(out)
-    keep = {i for i, p in enumerate(base["corpus"]) if sampled(str(p), BUILD["seed"], 0.5)}
-    assert 0 < len(keep) < len(base["corpus"])
+    keep = {i for i, p in enumerate(corpus) if sampled(str(p), BUILD["seed"], 0.5)}
+    assert 0 < len(keep) < len(corpus)
     for split in ("train", "validation"):
         got, every = set(np.unique(part.chunks(split).doc_ids)), set(np.unique(full.chunks(split).doc_ids))
         assert got == every & keep and got  # the same documents, chunked the same way
         for doc in got:
             np.testing.assert_array_equal(_doc_chunks(part.chunks(split), doc), _doc_chunks(full.chunks(split), doc))
-    assert max(keep) > len(base["corpus"]) * 3 // 4  # drawn from the whole corpus, not its first files
+    assert max(keep) > len(corpus) * 3 // 4  # drawn from the whole corpus, not its first files
     assert part.manifest["settings"]["sample_documents"] == 0.5
     with pytest.raises(BuildError, match="sample-documents"):
         build_database([str(base["corpus_dir"])], str(tmp_path / "bad"), embedder=str(base["bert"]),

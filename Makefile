@@ -27,9 +27,6 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/retro-jax quickstart --out $(OUT)
 
-bench: $(STAMP)
-	$(PY) bench/train_step.py
-
 # The peer (lucidrains' retro-pytorch) in its own environment outside the repo, never in ours.
 PEER_VENV ?= $(abspath ..)/peer-venv
 PEER_PY   := $(PEER_VENV)/bin/python
@@ -41,6 +38,10 @@ $(PEER_VENV)/.installed: $(PEER_REQ)
 	  || $(PEER_PY) -m pip install --quiet "$$(grep '^torch==' $(PEER_REQ))"
 	$(PEER_PY) -m pip install --quiet --no-deps -r $(PEER_REQ)
 	touch $@
+
+# Every benchmark against its peer or bound, one table (bench/all.py; about 1.5 h on 2 cores).
+bench: $(STAMP) $(PEER_VENV)/.installed
+	$(PY) bench/all.py --peer-python $(PEER_PY)
 
 bench-peer: $(STAMP) $(PEER_VENV)/.installed
 	$(PY) bench/peer_train_step.py --peer-python $(PEER_PY) --json out/bench/peer_train_step.json

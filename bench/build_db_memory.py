@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--index-mode", default="auto", choices=("auto", "exact", "scann"),
                    help="exact: memory-mapped brute force, to separate the pipeline's memory from ScaNN's "
                         "in-RAM index (default auto)")
+    p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--embedder", help=argparse.SUPPRESS)
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<7}{mb:7.1f}{docs:11,}{chunks:10,}{peak:14.0f}{anon:15.0f}{sec:9.0f}")
     print(f"ratio {rows[1][0]} / 1x: peak RSS {rows[1][4] / rows[0][4]:.2f}, peak anonymous {rows[1][5] / rows[0][5]:.2f} "
           f"(chunks {rows[1][3] / rows[0][3]:.2f}); peak RSS = getrusage ru_maxrss, includes memmapped file pages")
+    if args.json:
+        keys = ("corpus", "mb", "documents", "chunks", "peak_rss_mib", "peak_anon_mib", "build_s")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"index_mode": args.index_mode, "builds": [dict(zip(keys, r)) for r in rows]},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import statistics
 import sys
 import time
@@ -95,6 +96,7 @@ def main() -> None:
     p.add_argument("--db", default="out/quickstart/db", help="database for timing live retrieval")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of full vs cached")
     p.add_argument("--steps", type=int, default=16, help="cached steps timed per round")
+    p.add_argument("--json", type=Path, help="also write the table here")
     args = p.parse_args()
 
     cfg = dataclasses.replace(ModelConfig.from_preset(args.config), scan_layers=False, dtype="float32")
@@ -140,6 +142,11 @@ def main() -> None:
     print("\n| context | cached tokens/s | full-recompute tokens/s | speed-up |\n|---|---|---|---|")
     for c, full_tok, cached, *_ in rows:
         print(f"| {c} | {1 / cached:,.1f} | {1 / full_tok:,.2f} | {full_tok / cached:,.1f}x |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": cfg.name, "retrieval": ret_label, "contexts": [
+            {"context": c, "cached_tokens_per_s": 1 / cached, "full_tokens_per_s": 1 / full_tok,
+             "speedup": full_tok / cached} for c, full_tok, cached, *_ in rows]}, indent=1))
 
 
 if __name__ == "__main__":

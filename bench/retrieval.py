@@ -1,22 +1,28 @@
-"""Benchmark: ScaNN recall@k and queries/s against exact search; frozen-BERT embedding rate.
+"""Benchmark: nearest-neighbour search, ScaNN (ours) against exact search and against faiss IVF-PQ.
 
-    python bench/retrieval.py                       # synthetic clustered, 100k x 384
-    python bench/retrieval.py --embeddings db/embeddings.npy --queries 2000
-    python bench/retrieval.py --embed               # chunks/s vs the embedder's FLOP bound
-    python bench/retrieval.py --embed-corpus /tmp/emb100k.npy --embed-n 100000   # real embeddings
+    python bench/retrieval.py --embeddings /tmp/emb100k.npy         # real MiniLM embeddings (bench/embed.py --corpus)
+    python bench/retrieval.py --n 1000000                           # synthetic clustered vectors
+    python bench/retrieval.py --n 100000 --no-faiss --json out/bench/retrieval.json
 
-With ``--embeddings`` the last ``--queries`` rows are held out as queries and the
-rest are indexed. Without it, synthetic data is used and labelled as such: a
-Gaussian mixture in a 48-d latent space, projected to ``--dim`` with a little
-isotropic noise and L2-normalised (sentence embeddings have a low intrinsic
-dimension; pure isotropic noise would make any ANN look bad).
+Same vectors, same queries, same machine, one run. With ``--embeddings`` the last ``--queries``
+rows are held out as queries and the rest are indexed; without it, synthetic data is used and
+labelled as such: a Gaussian mixture in a 48-d latent space, projected to ``--dim`` with a little
+isotropic noise and L2-normalised (sentence embeddings have a low intrinsic dimension; pure
+isotropic noise would make any ANN look bad).
 
-``--embed`` embeds real chunk texts (bench/python_corpus.py) with the real embedder
-and times it against a dense f32 matmul, rep by rep alternately, so machine load
-hits both; the bound is the analytic ``Embedder.flops_per_token`` work at the
-matmul's FLOP/s. ``--embed-corpus`` writes ``--embed-n`` real chunk embeddings
-(shuffled, so the held-out tail is a random sample) to a .npy, block by block;
-rerun the same command to resume. Prints figures only: nothing asserts on time.
+Methods, each timed as the best of 3 full passes over the queries after a warm-up, all threads:
+  exact   retro_jax.retrieval.exact (blocked BLAS brute force): the ground truth and the baseline
+  ScaNN   the index build-db makes (IndexConfig.for_size: tree + 4-bit AH + float32 reorder),
+          searched at its default number of leaves (the row marked "default") and at 1/4, 1/2, 2x
+  faiss   IVF-PQ as the PyTorch RETROs build it (autofaiss), with 8-bit codes and with 4-bit
+          fast-scan codes, both the size of ScaNN's (96 B per 384-d vector), each without and with
+          exact re-ranking of 4 x k and 25 x k candidates, over a sweep of nprobe; run in the peer environment (bench/peer/
+          faiss_search.py, ``--peer-python``), never in ours
+Recall@k is computed here for every method alike from the ids it returns: a returned neighbour
+counts when its true squared distance is within the exact k-th distance (ties between duplicate
+vectors otherwise make id sets differ with no loss; id-set recall is printed beside it).
+Summary: for each method, the fastest setting whose recall reaches ``--target`` (0.95), its
+queries/s and its speed-up over exact. Prints figures only: nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -25,130 +31,17 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from python_corpus import chunk_texts, texts_sha256  # bench/python_corpus.py (this folder)
 from retro_jax.retrieval.index import IndexConfig, ShardedIndex, scann_available
 
-
-def _load_embedder(args: argparse.Namespace):
-    from retro_jax.retrieval.bert import Embedder
-
-    return Embedder.load(args.embedder, max_length=args.max_length, batch_size=args.batch_size)
-
-
-def _texts(args: argparse.Namespace, n: int) -> list[str]:
-    return chunk_texts(n, chars=args.chars, tokenizer=args.tokenizer)
-
-
-def _cut_label(args: argparse.Namespace) -> str:
-    return f"64 SentencePiece tokens ({args.tokenizer})" if args.tokenizer else f"{args.chars} characters"
-
-
-def _padded_flops(emb, lengths: np.ndarray) -> float:
-    """FLOPs of one `embed` call as it batches: sorted by length, rows and lengths padded."""
-    order = np.sort(lengths)
-    batches = np.split(order, range(emb._rows, len(order), emb._rows))
-    return float(sum(emb.padded_rows(len(b)) * emb.bucket(int(b.max())) * emb.flops_per_token(emb.bucket(int(b.max())))
-                     for b in batches))
-
-
-def _matmul_flops_per_s(size: int, seconds: float) -> float:
-    """Dense f32 [size, size] @ [size, size] FLOP/s under jit, timed for about `seconds`."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while reps == 0 or time.perf_counter() - t0 < seconds:
-        f(a, a).block_until_ready()
-        reps += 1
-    return 2.0 * size**3 * reps / (time.perf_counter() - t0)
-
-
-def bench_embedding(args: argparse.Namespace) -> None:
-    """Chunks/s of the real embedder on real chunk texts vs its FLOP bound, measured side by side."""
-    import jax
-
-    emb = _load_embedder(args)
-    n = args.embed_n or 512
-    texts = _texts(args, n)
-    lengths = np.array([len(ids) for ids, _ in emb.tokenize(texts)])
-    order = np.argsort(lengths, kind="stable")  # batches as `embed` forms them from a whole block
-    texts, lengths = [texts[i] for i in order], lengths[order]
-    padded, useful = _padded_flops(emb, lengths), sum(emb.flops_per_token(int(t)) * int(t) for t in lengths)
-    emb.embed(texts)  # compile every bucket this input needs
-    print(f"device    : {jax.devices()[0].device_kind} x{len(jax.local_devices())}   model {emb.name}"
-          f"   batch {args.batch_size}   max_length {args.max_length}")
-    print(f"texts     : {n} real chunks of Python source, cut at {_cut_label(args)}; BERT tokens/chunk "
-          f"median {np.median(lengths):.0f} p95 {np.percentile(lengths, 95):.0f}")
-    print(f"work      : {useful / n / 1e6:.1f} MFLOP/chunk useful, {padded / n / 1e6:.1f} MFLOP/chunk as padded"
-          f" (Embedder.flops_per_token x tokens)")
-    # Alternate one embedding batch and a matmul burst, pair by pair, so load from other processes
-    # hits both timings of a pair; the per-pair ratio is the achieved fraction of the bound.
-    pairs, batch = [], args.batch_size
-    for rep in range(args.reps):
-        for b0 in range(0, n, batch):
-            work = _padded_flops(emb, lengths[b0:b0 + batch])
-            t0 = time.perf_counter()
-            emb.embed(texts[b0:b0 + batch])
-            sec = time.perf_counter() - t0
-            peak = _matmul_flops_per_s(args.matmul_size, max(0.3, sec / 2))
-            pairs.append((len(texts[b0:b0 + batch]), sec, work / sec, peak))
-        c, sec, done, peak = (np.array(x) for x in zip(*pairs[-(-(-n // batch)):]))
-        print(f"rep {rep}     : {c.sum() / sec.sum():6.1f} chunks/s   {np.median(done) / 1e9:6.1f} GFLOP/s done   "
-              f"matmul {args.matmul_size}^2 f32 {np.median(peak) / 1e9:6.1f} GFLOP/s   "
-              f"{np.median(done / peak):5.1%} of bound (median of {len(c)} pairs)")
-    c, sec, done, peak = (np.array(x) for x in zip(*pairs))
-    frac, rate, mm = float(np.median(done / peak)), c.sum() / sec.sum(), float(np.median(peak))
-    print(f"all reps  : {rate:.1f} chunks/s; matmul median {mm / 1e9:.1f} GFLOP/s -> FLOP bound "
-          f"{mm * n / padded:.1f} chunks/s as padded ({mm * n / useful:.1f} without padding); embedder runs at "
-          f"{frac:.1%} of the bound (median per-pair ratio, {len(pairs)} pairs); padding adds {padded / useful - 1:.0%} work")
-    print(f"peak RSS  : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-
-
-def embed_corpus(args: argparse.Namespace) -> None:
-    """Write `--embed-n` real chunk embeddings to `--embed-corpus` (.npy), resumable block by block."""
-    from tqdm.auto import tqdm
-
-    out = args.embed_corpus
-    n, block = args.embed_n or 100_000, args.embed_block
-    t0 = time.perf_counter()
-    texts = _texts(args, n)
-    emb = _load_embedder(args)
-    cut = "64 SentencePiece tokens" if args.tokenizer else f"{args.chars} characters"
-    settings = {"n": n, "cut": cut, "embedder": emb.name, "max_length": args.max_length,
-                "block": block, "texts_sha256": texts_sha256(texts)}
-    side = out.with_name(out.name + ".progress.json")
-    state = json.loads(side.read_text()) if side.is_file() else None
-    if state is None or state["settings"] != settings or not out.is_file():
-        if out.is_file():
-            print(f"{out} was made with other settings or is incomplete without a record; starting over")
-        state = {"settings": settings, "blocks_done": 0}
-        np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(n, emb.dim)).flush()
-        side.write_text(json.dumps(state))
-    print(f"{n} chunk texts ({_cut_label(args)}) ready in {time.perf_counter() - t0:.1f}s; "
-          f"{state['blocks_done']} of {-(-n // block)} blocks already done")
-    arr = np.lib.format.open_memmap(out, mode="r+")
-    bar = tqdm(total=n, initial=min(n, state["blocks_done"] * block), unit="chunk", desc=f"embed {out.name}")
-    for b in range(state["blocks_done"], -(-n // block)):
-        arr[b * block:(b + 1) * block] = emb.embed(texts[b * block:(b + 1) * block])
-        arr.flush()
-        state["blocks_done"] = b + 1
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, side)
-        bar.update(min(n, (b + 1) * block) - b * block)
-    bar.close()
-    print(f"wrote float32 [{n}, {emb.dim}] to {out}; now: python bench/retrieval.py --embeddings {out}")
+DEFAULT_PEER = Path(__file__).resolve().parents[2] / "peer-venv" / "bin" / "python"
 
 
 def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, latent: int = 48) -> np.ndarray:
@@ -165,20 +58,51 @@ def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, latent: int = 4
     return out
 
 
-def timed_search(index: ShardedIndex, q: np.ndarray, k: int, repeats: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
-    """Warm up on a slice, then the best of ``repeats`` timings of the full query set
-    (best-of damps noise from other processes on a shared machine)."""
-    index.search(q[:64], k)
-    best = float("inf")
+def timed(fn, repeats: int = 3):
+    """One warm-up call, then the best of ``repeats`` timings (damps other processes' noise)."""
+    fn()
+    best, out = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        ids, d = index.search(q, k)
+        out = fn()
         best = min(best, time.perf_counter() - t0)
-    return ids, d, best
+    return out, best
 
 
-def folder_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+def recalls(db: np.ndarray, q: np.ndarray, ids: np.ndarray, ref_ids: np.ndarray, ref_d: np.ndarray) -> tuple[float, float]:
+    """(distance recall, id recall) of ``ids`` against the exact top-k (see the module docstring)."""
+    k = ref_ids.shape[1]
+    safe = np.where(ids >= 0, ids, 0)
+    rows = np.asarray(db[np.sort(safe.ravel())], np.float32)  # sorted: sequential memmap reads
+    back = np.empty_like(rows)
+    back[np.argsort(safe.ravel(), kind="stable")] = rows
+    true_d = np.sum(np.square(q[:, None, :] - back.reshape(*ids.shape, -1)), axis=-1)
+    true_d[ids < 0] = np.inf
+    within = float(np.mean(true_d <= ref_d[:, -1:] * (1 + 1e-5) + 1e-6))
+    by_id = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, ref_ids)]))
+    return within, by_id
+
+
+def run_faiss(args, db: np.ndarray, q: np.ndarray, work: Path) -> list[dict]:
+    """faiss rows from the peer environment's worker (ids only; recall is computed by the caller)."""
+    np.save(work / "db.npy", np.ascontiguousarray(db, np.float32))
+    np.save(work / "queries.npy", q)
+    n = len(db)
+    nlist = args.nlist or 1 << round(np.log2(4 * np.sqrt(n)))  # faiss's guideline: 4-16 sqrt(N) lists
+    cmd = [str(args.peer_python), str(Path(__file__).with_name("peer") / "faiss_search.py"), "--work", str(work),
+           "--k", str(args.k), "--nlist", str(nlist), "--m", str(args.pq_m), "--sample", str(min(n, 250_000)),
+           "--nprobe", *map(str, args.nprobe)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"error: faiss worker failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    info, rows = lines[0], lines[1:]
+    print(f"faiss     : {info['faiss']} ({info['threads']} threads), nlist {nlist}, PQ m={args.pq_m}; "
+          f"worker ran {time.perf_counter() - t0:.0f}s")
+    for r in rows:
+        r["ids"] = np.load(work / r.pop("ids"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,80 +113,94 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=384, help="synthetic width (default 384, MiniLM)")
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--num-leaves-to-search", type=int, default=0, help="override the for_size rule")
-    p.add_argument("--dims-per-block", type=int, default=2, help="asymmetric-hashing block width")
-    p.add_argument("--reorder-k", type=int, default=0, help="override the for_size rule")
+    p.add_argument("--target", type=float, default=0.95, help="recall the summary compares speeds at")
+    p.add_argument("--dims-per-block", type=int, default=2, help="ScaNN asymmetric-hashing block width")
+    p.add_argument("--no-faiss", action="store_true", help="skip the peer's faiss IVF-PQ")
+    p.add_argument("--peer-python", type=Path, default=DEFAULT_PEER, help=f"peer env python (default {DEFAULT_PEER})")
+    p.add_argument("--nlist", type=int, default=0, help="faiss inverted lists (default 4 sqrt(N), a power of 2)")
+    p.add_argument("--pq-m", type=int, default=96, help="faiss PQ sub-quantizers (96 on 384-d = ScaNN's code size)")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--seed", type=int, default=0)
-    e = p.add_argument_group("embedding (--embed, --embed-corpus)")
-    e.add_argument("--embed", action="store_true", help="time the BERT embedder against its FLOP bound")
-    e.add_argument("--embed-corpus", type=Path, metavar="OUT.npy", help="embed --embed-n real chunks into OUT.npy")
-    e.add_argument("--embed-n", type=int, default=0, help="chunks (default 512 for --embed, 100k for --embed-corpus)")
-    e.add_argument("--embed-block", type=int, default=1024, help="chunks per resumable block")
-    e.add_argument("--embedder", help="Hugging Face BERT folder (default all-MiniLM-L6-v2)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--max-length", type=int, default=128)
-    e.add_argument("--tokenizer", help="SentencePiece model: cut 64-token chunks (else --chars characters)")
-    e.add_argument("--chars", type=int, default=250)
-    e.add_argument("--reps", type=int, default=3)
-    e.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--json", type=Path, help="also write the rows and the summary here")
     args = p.parse_args(argv)
-    if args.embed:
-        return bench_embedding(args)
-    if args.embed_corpus:
-        return embed_corpus(args)
 
     t0 = time.perf_counter()
     if args.embeddings:
         if not args.embeddings.is_file():
-            sys.exit(f"error: {args.embeddings} does not exist")
+            sys.exit(f"error: {args.embeddings} does not exist (make it with bench/embed.py --corpus)")
         allx = np.load(args.embeddings, mmap_mode="r", allow_pickle=False)
-        if args.rows:  # e.g. the finished blocks of a partial --embed-corpus file (its rows are shuffled)
+        if args.rows:  # e.g. the finished blocks of a partial bench/embed.py --corpus file (rows are shuffled)
             allx = allx[: args.rows]
         if allx.ndim != 2 or allx.shape[0] <= args.queries:
             sys.exit(f"error: {args.embeddings} has shape {allx.shape}; need [C, D] with C > --queries")
-        label = f"embeddings from {args.embeddings} (last {args.queries} rows held out as queries)"
-        db, q = allx[: -args.queries], np.asarray(allx[-args.queries :], np.float32)
+        label = f"real MiniLM embeddings {args.embeddings.name} (last {args.queries} rows held out as queries)"
+        db, q = np.asarray(allx[: -args.queries], np.float32), np.asarray(allx[-args.queries :], np.float32)
     else:
         label = "SYNTHETIC clustered embeddings (1000 blobs, 48-d latent, unit norm) - not real text"
         allx = synthetic(args.n + args.queries, args.dim, args.seed)
         db, q = allx[: args.n], allx[args.n :]
     n, dim = db.shape
     print(f"data      : {label}")
-    print(f"database  : {n:,} x {dim}   queries: {len(q):,}   k={args.k}   shards={args.num_shards}"
+    print(f"database  : {n:,} x {dim}   queries: {len(q):,}   k={args.k}   cores {os.cpu_count()}"
           f"   (made in {time.perf_counter() - t0:.1f}s)")
-    print(f"ScaNN     : {'available' if scann_available() else 'NOT available on this CPU (exact only)'}")
+    rows: list[dict] = []
+
+    def add(method: str, setting: str, ids: np.ndarray, sec: float, build_s: float, default: bool = False) -> None:
+        within, by_id = recalls(db, q, ids, ref_ids, ref_d)
+        rows.append({"method": method, "setting": setting, "default": default, "recall": within, "recall_ids": by_id,
+                     "queries_per_s": len(q) / sec, "speedup_vs_exact": exact_s / sec, "build_s": build_s})
+        r = rows[-1]
+        print(f"  {method:<38} {setting:<22} recall@{args.k} {within:.4f} (ids {by_id:.4f})   "
+              f"{r['queries_per_s']:9.1f} q/s   {r['speedup_vs_exact']:6.1f}x exact{'   <- default' if default else ''}",
+              flush=True)
 
     with tempfile.TemporaryDirectory(prefix="retro-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        exact = ShardedIndex.build(db, work / "exact", IndexConfig(mode="exact"), args.num_shards, progress=False)
-        exact_build = time.perf_counter() - t0
-        ref_ids, ref_d, exact_s = timed_search(exact, q, args.k)
-        print(f"exact     : build {exact_build:7.1f}s   {len(q) / exact_s:10.1f} queries/s"
-              f"   disk {folder_mib(work / 'exact'):.0f} MiB")
-        if not scann_available():
-            return
-        cfg = IndexConfig(mode="scann", num_leaves_to_search=args.num_leaves_to_search, reorder_k=args.reorder_k,
-                      dims_per_block=args.dims_per_block)
-        t0 = time.perf_counter()
-        scann = ShardedIndex.build(db, work / "scann", cfg, args.num_shards, progress=False)
-        scann_build = time.perf_counter() - t0
-        ids, d, scann_s = timed_search(scann, q, args.k)
-        recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, ref_ids)])
-        ratio = float(np.mean(d[:, -1] / np.maximum(ref_d[:, -1], 1e-12)))
-        # ties (equal distances) make id sets differ without any loss; count results within the exact k-th
-        within = float(np.mean(d <= ref_d[:, -1:] * (1 + 1e-5) + 1e-6))
-        sc = scann.meta["shards"][0]["config"]
-        print(f"scann     : build {scann_build:7.1f}s   {len(q) / scann_s:10.1f} queries/s"
-              f"   disk {folder_mib(work / 'scann'):.0f} MiB")
-        print(f"  config  : leaves={sc['num_leaves']} search={sc['num_leaves_to_search']}"
-              f" dims/block={sc['dims_per_block']} reorder_k={sc['reorder_k']}")
-        print(f"  recall@{args.k}: {recall:.4f} (ids)   {within:.4f} (distance <= exact k-th)"
-              f"   k-th distance / exact k-th: {ratio:.4f}"
-              f"   speed-up vs exact: {exact_s / scann_s:.1f}x")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"peak RSS  : {peak_mib:.0f} MiB (now {psutil.Process().memory_info().rss / 2**20:.0f} MiB)")
+        exact = ShardedIndex.build(db, work / "exact", IndexConfig(mode="exact"), 1, progress=False)
+        (ref_ids, ref_d), exact_s = timed(lambda: exact.search(q, args.k))
+        add("exact (numpy BLAS)", "-", ref_ids, exact_s, time.perf_counter() - t0)
+        if scann_available():
+            t0 = time.perf_counter()
+            index = ShardedIndex.build(db, work / "scann", IndexConfig(mode="scann", dims_per_block=args.dims_per_block),
+                                       1, progress=False)
+            build_s = time.perf_counter() - t0
+            sc = index.meta["shards"][0]["config"]
+            (ids, _), sec = timed(lambda: index.search(q, args.k))  # the product's own search path
+            method = f"ScaNN {sc['num_leaves']} leaves, AH {sc['dims_per_block']}d, reorder {sc['reorder_k']}"
+            add(method, f"leaves={sc['num_leaves_to_search']}", ids, sec, build_s, default=True)
+            searcher = index._shards[0].searcher  # the same searcher at other depths, no rebuild
+            for f in (0.25, 0.5, 2.0):
+                leaves = max(1, min(sc["num_leaves"], round(f * sc["num_leaves_to_search"])))
+                (ids, _), sec = timed(lambda: searcher.search_batched_parallel(
+                    q, final_num_neighbors=args.k, pre_reorder_num_neighbors=sc["reorder_k"], leaves_to_search=leaves))
+                add(method, f"leaves={leaves}", np.asarray(ids, np.int64), sec, build_s)
+        else:
+            print("ScaNN     : NOT available on this CPU (its x86 wheel needs AVX/FMA); exact only")
+        if not args.no_faiss:
+            if not args.peer_python.is_file():
+                sys.exit(f"error: no peer python at {args.peer_python} (make bench-peer makes it; or --no-faiss)")
+            (work / "faiss").mkdir()
+            for r in run_faiss(args, db, q, work / "faiss"):
+                add(r["method"], r["setting"], r["ids"], r["search_s"], r["build_s"])
+
+    summary = {}
+    for method in dict.fromkeys(r["method"].split(" + ")[0].split(" ")[0] for r in rows):
+        ok = [r for r in rows if r["method"].startswith(method) and r["recall"] >= args.target]
+        best = max(ok, key=lambda r: r["queries_per_s"]) if ok else None
+        summary[method] = best
+        print(f"best {method:<6}: " + (f"{best['queries_per_s']:9.1f} q/s at recall {best['recall']:.4f} "
+              f"({best['speedup_vs_exact']:.1f}x exact; {best['method']}, {best['setting']})" if best
+              else f"no setting reaches recall {args.target}"))
+    if summary.get("ScaNN") and summary.get("faiss"):
+        print(f"ScaNN / faiss at recall >= {args.target}: "
+              f"{summary['ScaNN']['queries_per_s'] / summary['faiss']['queries_per_s']:.2f}x")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS  : {peak:.0f} MiB (this process)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"data": label, "rows": n, "dim": dim, "queries": len(q), "k": args.k,
+                                         "target": args.target, "results": rows, "best": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-python", type=Path, default=DEFAULT_PEER, help=f"peer env python (default {DEFAULT_PEER})")
     p.add_argument("--nlist", type=int, default=0, help="faiss inverted lists (default 4 sqrt(N), a power of 2)")
     p.add_argument("--pq-m", type=int, default=96, help="faiss PQ sub-quantizers (96 on 384-d = ScaNN's code size)")
-    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the rows and the summary here")
     args = p.parse_args(argv)

@@ -13,7 +13,6 @@ with normalized outputs; pass `normalize=True` to get its cosine geometry instea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -28,6 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
+
+from retro_jax.retrieval.digest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +225,6 @@ def default_model_dir() -> Path:
             f"containing {', '.join(REQUIRED_FILES)}") from err
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclasses.dataclass
 class Embedder:
     """A frozen BERT that maps texts to mean-pooled float32 vectors; build with Embedder.load."""
@@ -270,7 +263,7 @@ class Embedder:
         label = root.resolve().name
         if label == "model":  # a generic folder name says nothing; use its parent's
             label = root.resolve().parent.name
-        name = f"{label}@{_sha256(root / 'model.safetensors')[:16]}"
+        name = f"{label}@{sha256_file(root / 'model.safetensors')[:16]}"
         log.info("loaded BERT %s from %s (dim %d, %d layers)", name, root, cfg.hidden_size,
                  cfg.num_hidden_layers)
         return cls(cfg, params, tokenizer, name, max_length, batch_size, dtype, normalize)

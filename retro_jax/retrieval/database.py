@@ -22,7 +22,6 @@ prefix=N)` only masks stored ids >= N: fewer than k may survive.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from functools import cached_property
@@ -33,6 +32,7 @@ import numpy as np
 
 from retro_jax.data.chunks import ChunkStore
 from retro_jax.data.tokenizer import Tokenizer
+from retro_jax.retrieval.digest import sha256_file  # noqa: F401  (dbl.sha256_file for its users)
 from retro_jax.retrieval.exact import exact_search
 from retro_jax.retrieval.index import ShardedIndex
 
@@ -67,15 +67,6 @@ def embeddings_path(root: str | os.PathLike[str], split: str) -> Path:
 def neighbours_path(root: str | os.PathLike[str], split: str) -> Path:
     """int64 [C, k] neighbour ids of one split (distances next to it, `.dists.npy`)."""
     return Path(root) / split / "neighbours.npy"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_files(root: str | os.PathLike[str]) -> list[str]:

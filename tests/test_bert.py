@@ -144,6 +144,24 @@ def test_embedding_independent_of_batch_mates_and_batch_size(tiny):
     assert emb.embed([]).shape == (0, emb.dim)
 
 
+def test_layout_batches_every_text_once_sorted_and_padded_to_8(tiny):
+    """What `embed` computes is what the embedding benchmark counts: each text once, batches of
+    similar length, each padded to less than 8 tokens above its longest text."""
+    root, _ = tiny
+    emb = Embedder.load(root, max_length=32, batch_size=3)
+    lengths = [len(ids) for ids, _ in emb.tokenize(TEXTS)]
+    batches = emb.layout(lengths)
+    order = np.concatenate([idx for _, idx in batches])
+    assert sorted(order.tolist()) == list(range(len(TEXTS)))
+    assert [lengths[i] for i in order] == sorted(lengths)
+    assert len({len(idx) for _, idx in batches[:-1]}) <= 1  # full batches, then the rest
+    for padded, idx in batches:
+        longest = max(lengths[i] for i in idx)
+        assert padded == min(-(-longest // 8) * 8, 32)  # the next multiple of 8, at most max_length
+    done, useful = emb.work_flops(lengths)
+    assert done > useful == sum(t * emb.flops_per_token(t) for t in lengths)
+
+
 def test_name_identifies_weights(tiny, tmp_path):
     root, _ = tiny
     first = Embedder.load(root).name

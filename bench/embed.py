@@ -141,8 +141,6 @@ def embed_corpus(args: argparse.Namespace) -> None:
     print(f"wrote float32 [{n}, {emb.dim}] to {out}; now: python bench/retrieval.py --embeddings {out}")
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, metavar="OUT.npy", help="embed --n real chunks into OUT.npy (resumable)")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from retro_jax.retrieval.index import IndexConfig, ShardedIndex, scann_available
+from timing import best_of  # bench/timing.py (this folder)
 
 DEFAULT_PEER = Path(__file__).resolve().parents[2] / "peer-venv" / "bin" / "python"
 
@@ -58,24 +59,13 @@ def synthetic(n: int, dim: int, seed: int, clusters: int = 1000, latent: int = 4
     return out
 
 
-def timed(fn, repeats: int = 3):
-    """One warm-up call, then the best of ``repeats`` timings (damps other processes' noise)."""
-    fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
 def recalls(db: np.ndarray, q: np.ndarray, ids: np.ndarray, ref_ids: np.ndarray, ref_d: np.ndarray) -> tuple[float, float]:
     """(distance recall, id recall) of ``ids`` against the exact top-k (see the module docstring)."""
     k = ref_ids.shape[1]
-    safe = np.where(ids >= 0, ids, 0)
-    rows = np.asarray(db[np.sort(safe.ravel())], np.float32)  # sorted: sequential memmap reads
-    back = np.empty_like(rows)
-    back[np.argsort(safe.ravel(), kind="stable")] = rows
+    flat = np.where(ids >= 0, ids, 0).ravel()
+    order = np.argsort(flat, kind="stable")  # read rows in id order: sequential memmap reads
+    back = np.empty((len(flat), db.shape[1]), np.float32)
+    back[order] = db[flat[order]]
     true_d = np.sum(np.square(q[:, None, :] - back.reshape(*ids.shape, -1)), axis=-1)
     true_d[ids < 0] = np.inf
     within = float(np.mean(true_d <= ref_d[:, -1:] * (1 + 1e-5) + 1e-6))
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         exact = ShardedIndex.build(db, work / "exact", IndexConfig(mode="exact"), 1, progress=False)
-        (ref_ids, ref_d), exact_s = timed(lambda: exact.search(q, args.k))
+        (ref_ids, ref_d), exact_s = best_of(lambda: exact.search(q, args.k))
         add("exact (numpy BLAS)", "-", ref_ids, exact_s, time.perf_counter() - t0)
         if scann_available():
             t0 = time.perf_counter()
@@ -166,13 +156,13 @@ def main(argv: list[str] | None = None) -> None:
                                        1, progress=False)
             build_s = time.perf_counter() - t0
             sc = index.meta["shards"][0]["config"]
-            (ids, _), sec = timed(lambda: index.search(q, args.k))  # the product's own search path
+            (ids, _), sec = best_of(lambda: index.search(q, args.k))  # the product's own search path
             method = f"ScaNN {sc['num_leaves']} leaves, AH {sc['dims_per_block']}d, reorder {sc['reorder_k']}"
             add(method, f"leaves={sc['num_leaves_to_search']}", ids, sec, build_s, default=True)
             searcher = index._shards[0].searcher  # the same searcher at other depths, no rebuild
             for f in (0.25, 0.5, 2.0):
                 leaves = max(1, min(sc["num_leaves"], round(f * sc["num_leaves_to_search"])))
-                (ids, _), sec = timed(lambda: searcher.search_batched_parallel(
+                (ids, _), sec = best_of(lambda: searcher.search_batched_parallel(
                     q, final_num_neighbors=args.k, pre_reorder_num_neighbors=sc["reorder_k"], leaves_to_search=leaves))
                 add(method, f"leaves={leaves}", np.asarray(ids, np.int64), sec, build_s)
         else:

@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-
-def timed(fn, repeats: int) -> tuple[np.ndarray, float]:
-    fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for timing.py
+from timing import best_of  # noqa: E402
 
 
 def main() -> None:
@@ -69,7 +63,7 @@ def main() -> None:
             for k_factor in (0, *args.k_factor):
                 index = refine if k_factor else refine.base_index
                 refine.k_factor = max(1, k_factor)
-                (_, ids), sec = timed(lambda: index.search(xq, args.k), args.repeats)
+                (_, ids), sec = best_of(lambda: index.search(xq, args.k), args.repeats)
                 method = f"faiss {spec}" + (f" + re-rank x{k_factor}" if k_factor else "")
                 tag = f"faiss-{kind}-rr{k_factor}-{nprobe}"
                 np.save(args.work / f"{tag}.npy", ids.astype(np.int64))

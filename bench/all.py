@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = args.only or SECTIONS
     if not args.peer_python.is_file() and {"train-step", "retrieval-100k", "retrieval-1m"} & set(wanted):
         sys.exit(f"error: no peer environment at {args.peer_python}; `make bench-peer` makes it")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     timings = {}
     for name in wanted:

@@ -123,13 +123,22 @@ def test_targets_and_mask_follow_documents(db):
     assert boundary_checked > 5
 
 
-def test_neighbours_are_the_databases_first_k(db):
+def test_neighbours_are_the_first_k_stored_from_outside_the_sequence(db):
+    """Each chunk gets its first K stored neighbours whose document is not one of the sequence's
+    (the window rule; tests/test_window_rule.py plants a neighbour it must drop)."""
     loader = TrainLoader(db, "train", SEQ, 4, K, seed=0)
     batch = next(loader)
     starts = loader.global_sequence_ids(0, 0) * 4
     assert batch["neighbours"].shape == (4, 4, K, 2 * db.chunk_size) and batch["neighbours"].dtype == np.int32
+    stored, docs = np.asarray(db.neighbours("train")), np.asarray(db.train.doc_ids)
     for b, c0 in enumerate(starts):
-        np.testing.assert_array_equal(batch["neighbours"][b], db.neighbour_tokens("train", np.arange(c0, c0 + 4), K))
+        window_docs = set(docs[c0:c0 + 4].tolist())
+        want = np.full((4, K), -1)
+        for u in range(4):
+            kept = [n for n in stored[c0 + u].tolist() if n >= 0 and docs[n] not in window_docs][:K]
+            want[u, :len(kept)] = kept
+        np.testing.assert_array_equal(batch["neighbours"][b], db.train.neighbour_tokens(want))
+    assert loader.window_stats["slots"] == 4 * 4 * K
     baseline = next(TrainLoader(db, "train", SEQ, 4, K, seed=0, retrieval=False))
     assert "neighbours" not in baseline
     np.testing.assert_array_equal(baseline["tokens"], batch["tokens"])

@@ -12,8 +12,13 @@ Per sequence (flattening its chunks, pads included, into N = L*m positions):
                                    position's target is the first token of the next chunk
   loss_mask  float32 [B, N]        1 only where input and target are real tokens of the SAME
                                    document (document ends, pads and cross-document pairs are 0)
-  neighbours int32   [B, L, K, 2m] the first K stored neighbours of each chunk, [N, F], -1 =
-                                   missing (absent with retrieval=False)
+  neighbours int32   [B, L, K, 2m] each chunk's first K stored neighbours that survive the window
+                                   rule, [N, F], -1 = missing (absent with retrieval=False)
+
+The window rule (retrieval/window_rule.py): no neighbour, nor its continuation, comes from any
+document present in the sequence (stored neighbours exclude only the query chunk's own document,
+and a sequence packs several). Neighbours from a window document are dropped, later-ranked stored
+neighbours move up, -1 fills what is left. `TrainLoader.window_stats` counts what it did.
 
 Order. Epoch e visits the sequences in `np.random.default_rng((seed, e)).permutation`, in
 batches of `global_batch_size` (the last incomplete batch of an epoch is dropped). Process p
@@ -28,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from retro_jax.retrieval.database import Database
+from retro_jax.retrieval.window_rule import STATS, window_neighbour_tokens
 
 Batch = dict[str, np.ndarray]
 
@@ -52,6 +58,13 @@ def make_batch(db: Database, split: str, starts_B: np.ndarray, seq_len: int, num
 
     A start of -1 is a padding row (pad tokens, loss_mask 0, no neighbours); chunks past the
     split's end are padding as well."""
+    return make_batch_with_stats(db, split, starts_B, seq_len, num_neighbours, retrieval)[0]
+
+
+def make_batch_with_stats(db: Database, split: str, starts_B: np.ndarray, seq_len: int, num_neighbours: int,
+                          retrieval: bool = True) -> tuple[Batch, dict[str, int]]:
+    """`make_batch`, and the window rule's counts for it (window_rule.window_neighbours; all 0
+    with retrieval=False)."""
     store = db.chunks(split)
     L, m, C = chunks_per_sequence(db, seq_len), db.chunk_size, store.num_chunks
     starts_B = np.asarray(starts_B, np.int64)
@@ -76,20 +89,24 @@ def make_batch(db: Database, split: str, starts_B: np.ndarray, seq_len: int, num
         "targets": tok_BxEM[:, 1:n + 1].copy(),
         "loss_mask": (real_BxEM[:, :n] & real_BxEM[:, 1:n + 1] & same_doc).astype(np.float32),
     }
+    stats = dict.fromkeys(STATS, 0)
     if retrieval:
         _check_k(db, num_neighbours)
-        chunk_ids_BxL = safe_BxE[:, :L]
-        nb = db.neighbour_tokens(split, chunk_ids_BxL, num_neighbours)
-        nb[~valid_BxE[:, :L]] = -1
-        batch["neighbours"] = nb.astype(np.int32, copy=False)
-    return batch
+        batch["neighbours"], stats = window_neighbour_tokens(db, split, safe_BxE[:, :L], num_neighbours,
+                                                             valid_BxE[:, :L])
+    return batch, stats
 
 
 class TrainLoader:
     """Infinite, deterministic, resumable iterator over this process's share of training batches.
 
     `rows` (e.g. `mesh.local_batch_slice(global_batch_size, mesh)`) overrides the default
-    share, rows [process_index*B/P, (process_index+1)*B/P) of every global batch."""
+    share, rows [process_index*B/P, (process_index+1)*B/P) of every global batch.
+
+    `window_stats`: the window rule's counts summed over every batch this loader (and, through
+    `state()`, the run before a resume) yielded, on this process's rows: neighbour slots, slots
+    whose stored neighbour was dropped for coming from a document of the sequence, and slots left
+    empty (-1). The training loop can log them; divide by `slots` for rates."""
 
     def __init__(self, db: Database, split: str, seq_len: int, global_batch_size: int, num_neighbours: int,
                  seed: int, process_index: int = 0, process_count: int = 1, retrieval: bool = True,
@@ -116,6 +133,7 @@ class TrainLoader:
                              f"global batch of {self.global_batch_size}")
         self.batches_per_epoch = self.num_sequences // self.global_batch_size
         self.epoch, self.position = 0, 0
+        self.window_stats = dict.fromkeys(STATS, 0)
         self._order: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -133,7 +151,9 @@ class TrainLoader:
 
     def __next__(self) -> Batch:
         seq_B = self.global_sequence_ids(self.epoch, self.position)[self.rows]
-        batch = make_batch(self.db, self.split, seq_B * self.L, self.seq_len, self.num_neighbours, self.retrieval)
+        batch, stats = make_batch_with_stats(self.db, self.split, seq_B * self.L, self.seq_len,
+                                             self.num_neighbours, self.retrieval)
+        self.window_stats = {key: self.window_stats[key] + stats[key] for key in STATS}
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -143,7 +163,7 @@ class TrainLoader:
         """JSON-able position of the iterator (the next batch to yield) plus what it depends on."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
-                "num_sequences": self.num_sequences}
+                "num_sequences": self.num_sequences, "window_stats": dict(self.window_stats)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from `state()`; refuses a state of a different seed, batch, length or split size."""
@@ -156,3 +176,5 @@ class TrainLoader:
             raise ValueError(f"data state epoch={epoch} position={position} out of range "
                              f"(epochs have {self.batches_per_epoch} batches)")
         self.epoch, self.position = epoch, position
+        saved = state.get("window_stats") or {}  # absent in states saved before the window rule
+        self.window_stats = {key: int(saved.get(key, 0)) for key in STATS}

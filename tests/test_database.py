@@ -112,6 +112,11 @@ def test_check_reports_recall_exclusion_and_checksums(db, base, tmp_path):
     n_val = min(50, db.validation.num_chunks)
     assert out["recall_queries"] == {"validation": n_val, "train": 50 - n_val}
     assert out["same_document_neighbours"] == 0 and out["missing_neighbours"] == 0 and out["checksums_ok"]
+    window = out["window_rule"]  # the paper's 2,048 tokens and K = 2 by default
+    assert (window["seq_len"], window["num_neighbours"]) == (2048, 2)
+    assert window["sequences"] == db.train.num_chunks // (2048 // db.chunk_size)
+    assert window["slots"] == window["sequences"] * (2048 // db.chunk_size) * 2
+    assert window["after"]["in_window"] == 0
     broken = tmp_path / "db"
     shutil.copytree(base["db"], broken)
     emb = np.load(broken / "train/embeddings.npy", mmap_mode="r+")
@@ -131,9 +136,11 @@ def test_cli_verbs_exit_codes_and_json(base, tmp_path, capsys):
     assert _cli(["db-check", str(base["db"]), "--json", "--sample", "20"]) == 0
     check = json.loads(capsys.readouterr().out)
     assert check["same_document_neighbours"] == 0 and check["checksums_ok"]
+    assert check["window_rule"]["after"]["in_window"] == 0
     assert _cli(["db-info", str(base["db"])]) == 0 and "train" in capsys.readouterr().out
     for argv in (["db-info", str(tmp_path)],
                  ["db-check", str(base["db"]), "--sample", "0"],
+                 ["db-check", str(base["db"]), "--seq-len", "100"],
                  ["build-db", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                   "--embedder", str(base["bert"])],
                  ["build-db", "--out", str(tmp_path / "o2"), "--embedder", str(tmp_path / "no_bert")],

@@ -106,15 +106,26 @@ def _db_check(args: argparse.Namespace) -> int:
     if args.sample < 1:
         return _fail("db-check", ValueError(f"--sample must be >= 1, got {args.sample}"))
     try:
-        result = Database.open(args.db_dir).check(sample=args.sample, seed=args.seed)
+        result = Database.open(args.db_dir).check(sample=args.sample, seed=args.seed, seq_len=args.seq_len,
+                                                  num_neighbours=args.num_neighbours)
     except (ValueError, OSError) as e:
         return _fail("db-check", e)
-    ok = result["same_document_neighbours"] == 0 and result["checksums_ok"]
+    window = result["window_rule"]
+    ok = result["same_document_neighbours"] == 0 and result["checksums_ok"] and window["after"]["in_window"] == 0
     if args.json:
         print(json.dumps(result))
     else:
         for key in ("recall_at_10", "same_document_neighbours", "missing_neighbours", "checksums_ok"):
             print(f"{key:<26} {result[key]}")
+        before = window["before"]
+        print(f"{'window_rule':<26} {window['sequences']} sequences of {window['seq_len']} tokens, "
+              f"{window['slots']} slots (first {window['num_neighbours']} neighbours per chunk)")
+        print(f"{'  stored, in window':<26} {before['in_window']} slots from a document of their window "
+              f"({before['later_document']} from a later document, {before['later_window_chunks']} later chunks "
+              f"of the window; {window['sequences_affected']} sequences, "
+              f"{window['sequences_affected_later']} with a later document)")
+        print(f"{'  loaded, in window':<26} {window['after']['in_window']} (after the loader's window rule; "
+              f"{window['after']['empty']} slots empty)")
         print("OK" if ok else "FAILED")
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
@@ -172,9 +183,14 @@ def register(subparsers: Any) -> None:
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=_db_info)
 
-    c = subparsers.add_parser("db-check", help="recall@10 vs exact search, same-document neighbours, checksums")
+    c = subparsers.add_parser("db-check", help="recall@10 vs exact search, same-document neighbours, the window rule, "
+                                                  "checksums")
     c.add_argument("db_dir", metavar="DB_DIR")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--sample", type=int, default=1000, help="query chunks for recall@10 (default 1000)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--seq-len", type=int, default=2048,
+                   help="training sequence length whose windows the window rule is counted on (default 2048)")
+    c.add_argument("--num-neighbours", type=int, default=2,
+                   help="neighbours per chunk the model is given, K (default 2)")
     c.set_defaults(func=_db_check)

@@ -7,6 +7,8 @@ Layout of DB_DIR (written by `retro_jax.retrieval.build.build_database`):
   train/chunks/              ChunkStore of the database chunks, in corpus (doc_id) order
   train/embeddings.npy       float32 [C, D] frozen-BERT key of every train chunk
   train/neighbours.npy       int64 [C, k] nearest train chunks from OTHER documents, -1 missing
+                             (batches also drop those from any document of the model's window:
+                             retrieval/window_rule.py)
   train/neighbours.dists.npy float32 [C, k] their squared L2 distances
   validation/...             the same for validation chunks (queries only, never in the index)
   index/                     ShardedIndex over train/embeddings.npy
@@ -35,6 +37,7 @@ from retro_jax.data.tokenizer import Tokenizer
 from retro_jax.retrieval.digest import sha256_file  # noqa: F401  (dbl.sha256_file for its users)
 from retro_jax.retrieval.exact import exact_search
 from retro_jax.retrieval.index import ShardedIndex
+from retro_jax.retrieval.window_rule import check_training_windows
 
 MANIFEST = "manifest.json"
 FORMAT = "retro-jax-database"
@@ -234,15 +237,20 @@ class Database:
             "subset": m.get("subset"),
         }
 
-    def check(self, sample: int = 1000, seed: int = 0, k: int = 10, verify: bool = True) -> dict[str, Any]:
+    def check(self, sample: int = 1000, seed: int = 0, k: int = 10, verify: bool = True,
+              seq_len: int = 2048, num_neighbours: int = 2) -> dict[str, Any]:
         """Recompute integrity figures.
 
         recall_at_10: mean fraction of the exact top-k (brute force over train embeddings)
           that the index returns, over `sample` query chunks (validation first, then train);
         same_document_neighbours: stored neighbours from the query's own document (must be 0),
           over ALL stored neighbours of both splits;
-        missing_neighbours: stored -1 ids (both splits); checksums_ok: every file's sha256.
+        missing_neighbours: stored -1 ids (both splits); checksums_ok: every file's sha256;
+        window_rule: over the train split's training windows of `seq_len` tokens, the stored first
+          `num_neighbours` slots from a document of their window (before), and after the loader's
+          window rule (must be 0); see window_rule.check_training_windows.
         """
+        window = check_training_windows(self, seq_len, min(num_neighbours, self.neighbours_stored))
         train_emb = self.embeddings("train")
         rows = self.index.row_ids  # a database-size subset indexes only these train chunks
         if rows is not None:
@@ -280,6 +288,7 @@ class Database:
             "missing_neighbours": sum(missing.values()),
             "missing_neighbours_per_split": missing,
             "index_modes": sorted({s["mode"] for s in self.manifest["index"]["shards"]}),
+            "window_rule": window,
         }
         if verify:
             bad = self.verify_checksums()

@@ -25,17 +25,32 @@ def _store(root: Path, docs: list[list[int]], table: np.ndarray = TABLE) -> Chun
     return ChunkStore.open(str(out))
 
 
+class _FakeTrain:
+    """The database side: train chunk c (of a document no validation window holds) has tokens c."""
+
+    def __init__(self, num_chunks: int) -> None:
+        self.doc_ids = 10**6 + np.arange(num_chunks)
+
+    def neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return np.broadcast_to(ids[..., None], ids.shape + (2 * M,)).astype(np.int32)
+
+
 class FakeDb:
-    """chunks(split) and neighbour_tokens: each neighbour token is the id of the chunk it is for."""
+    """chunks(split), and neighbours under the window rule: each neighbour token is the id of the
+    chunk it is for (every stored neighbour of chunk c is train chunk c)."""
+
+    neighbours_stored = 2
 
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
+        self.train = _FakeTrain(store.num_chunks)
 
     def chunks(self, split: str) -> ChunkStore:
         return self.store
 
-    def neighbour_tokens(self, split: str, ids: np.ndarray, k: int) -> np.ndarray:
-        return np.broadcast_to(np.asarray(ids)[..., None, None], ids.shape + (k, 2 * M)).astype(np.int32)
+    def neighbours(self, split: str) -> np.ndarray:
+        return np.repeat(np.arange(self.store.num_chunks)[:, None], self.neighbours_stored, axis=1)
 
 
 def _uniform(tokens, targets, neighbours):

@@ -14,7 +14,10 @@ scores all of its targets; every later window scores only its last S targets, so
 is scored once and (after the first window) sees at least W - S tokens of context. Windows
 start at multiples of S, and S must be a multiple of the chunk size m, so every window starts
 at a chunk boundary and its chunks are the document's own chunks: with retrieval, window
-chunk u gets the stored neighbours of document chunk j*S/m + u (-1 = none past the end).
+chunk u gets the stored neighbours of document chunk j*S/m + u (-1 = none past the end), under
+the training loader's window rule (retrieval/window_rule.py: none from a document of the
+window). A window holds one document, whose chunks stored neighbours already exclude, so the
+rule drops nothing from a well-built database; applying it keeps the guarantee by construction.
 
 Losses come back per scored target (its split chunk id = the chunk holding the target, and its
 offset in the document) and summed per chunk, so leakage filtering (`leakage.py`) can keep or
@@ -31,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from retro_jax.retrieval.window_rule import window_neighbour_tokens
 from retro_jax.runtime.forward import NllFn
 
 LN2 = math.log(2.0)
@@ -200,11 +204,9 @@ def score_split(db: Any, split: str, nll_fn: NllFn, window: int, stride: int, ba
     batches = itertools.islice(_batches(store, window, stride, batch_size), total)
     for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
         neighbours = None
-        if k is not None:
+        if k is not None:  # the training loader's window rule (a window here is one document)
             ids = batch.window_chunks
-            neighbours = db.neighbour_tokens(split, np.maximum(ids, 0), k)
-            neighbours[ids < 0] = -1
-            neighbours = neighbours.astype(np.int32, copy=False)
+            neighbours, _ = window_neighbour_tokens(db, split, np.maximum(ids, 0), k, ids >= 0)
         nll = np.asarray(nll_fn(batch.tokens, batch.targets, neighbours), np.float64)
         sel = batch.score
         chunk, bits = batch.chunk[sel], nll[sel] / LN2

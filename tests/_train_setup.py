@@ -1,9 +1,10 @@
 """Shared setup of the sharded-training tests.
 
 A small RETRO (the `tiny` widths, 2 decoder layers, one CCA layer, a 1-layer encoder, 256-token
-vocabulary: every parameter kind, fast to compile), 3 fixed batches, and an AdamW whose
-trainable mask freezes the decoder (retrofitting: only encoder and CCA train), so every run
-also exercises the masked optimizer state.
+vocabulary: every parameter kind, fast to compile), 3 fixed batches, and an AdamW that trains
+every parameter, so every leaf moves and a sharded run is compared with one device on all of
+them. The frozen-decoder optimizer (retrofitting: only the encoder and CCA train, the masked
+optimizer state) is a separate case, used where freezing is the point.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def trainable_mask():
 
 
 @functools.lru_cache(maxsize=None)
-def optimizer():
+def optimizer(frozen_decoder: bool = False):
+    """(AdamW, its schedule): every parameter trains, or (frozen_decoder) only encoder and CCA."""
     from retro_jax.train.step import make_optimizer, make_schedule
     schedule = make_schedule(1e-3, warmup=1, total=10)
-    return make_optimizer(schedule, trainable_mask=trainable_mask()), schedule
+    mask = trainable_mask() if frozen_decoder else None
+    return make_optimizer(schedule, trainable_mask=mask), schedule
 
 
 def param_norm(params) -> float:
@@ -48,17 +51,21 @@ def param_norm(params) -> float:
     return float(jax.jit(optax.tree.norm)(params))
 
 
-def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
+def run_sharded(mesh_shape: tuple[int, int, int], devices=None, *, frozen_decoder: bool = False,
+                microbatches: int = 1) -> dict:
     """sharded_init + STEPS sharded train steps, each process feeding only its rows."""
     import jax
     from retro_jax.runtime import mesh as mesh_lib
     from retro_jax.runtime.state import sharded_init
     from retro_jax.train.step import make_sharded_train_step
 
-    opt, schedule = optimizer()
+    opt, schedule = optimizer(frozen_decoder)
     mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
     state, shardings = sharded_init(cfg(), opt, mesh, jax.random.key(0))
-    step = make_sharded_train_step(cfg(), opt, mesh, shardings, schedule)
+    # Frozen decoder: as `retro-jax train --freeze-decoder` runs it, only the trainable leaves differentiated.
+    mask = trainable_mask() if frozen_decoder else None
+    step = make_sharded_train_step(cfg(), opt, mesh, shardings, schedule, microbatches=microbatches,
+                                   trainable_mask=mask)
     init = jax.device_get(state.params) if jax.process_count() == 1 else None
     rows = mesh_lib.local_batch_slice(BATCH, mesh)
     losses = []
@@ -71,6 +78,6 @@ def run_sharded(mesh_shape: tuple[int, int, int], devices=None) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def run_8_devices() -> dict:
+def run_8_devices(frozen_decoder: bool = False) -> dict:
     """The 1-process x 8-device run on MESH (shared by the test files of one session)."""
-    return run_sharded(MESH)
+    return run_sharded(MESH, frozen_decoder=frozen_decoder)

@@ -61,10 +61,19 @@ def make_optimizer(learning_rate: float | optax.Schedule = 2e-4, weight_decay: f
 
 def optimizer_from_config(train: Any, trainable_mask: Any | None = None
                           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, schedule) of a config's `train` section: what `train` and `plan` both run."""
-    schedule = make_schedule(train.lr_max, train.warmup_steps, train.steps, train.lr_init, train.lr_final_ratio)
+    """(optimizer, schedule) of a config's `train` section: what `train` and `plan` both run.
+
+    The cosine horizon is `train.decay_steps` (0: `train.steps`); `train` fixes it when a run
+    starts, so a resume with a larger --steps extends training at the final rate."""
+    schedule = make_schedule(train.lr_max, train.warmup_steps, decay_horizon(train), train.lr_init,
+                             train.lr_final_ratio)
     return make_optimizer(schedule, train.weight_decay, train.clip_norm, train.b1, train.b2,
                           trainable_mask=trainable_mask), schedule
+
+
+def decay_horizon(train: Any) -> int:
+    """The step at which the cosine schedule reaches its final rate: train.decay_steps, or train.steps."""
+    return int(train.get("decay_steps", 0) or train.steps)
 
 
 # -- loss --------------------------------------------------------------------------------
@@ -86,14 +95,52 @@ def loss_fn(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple
     return _metrics(*_masked_sum(params, cfg, batch))
 
 
+def _restricted(params: Any, trainable_mask: Any | None) -> tuple[Any, Callable[[Any], Any]]:
+    """(the leaves to differentiate, a function rebuilding the full params from them).
+
+    No mask: all params, unchanged. With a mask: the list of trainable leaves; the frozen leaves
+    are closed over as constants, so autodiff never forms their weight gradients."""
+    if trainable_mask is None:
+        return params, lambda wrt: wrt
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keep = jax.tree_util.tree_leaves(trainable_mask)
+    if len(keep) != len(leaves):
+        raise ValueError(f"trainable_mask has {len(keep)} leaves, the params {len(leaves)}")
+
+    def rebuild(wrt: list) -> Any:
+        it = iter(wrt)
+        return treedef.unflatten([next(it) if k else leaf for leaf, k in zip(leaves, keep)])
+
+    return [leaf for leaf, k in zip(leaves, keep) if k], rebuild
+
+
+def expand_grads(params: Any, grads: Any, trainable_mask: Any | None) -> Any:
+    """Gradients of the trainable leaves (a list, from `loss_and_grads` with a mask) as a tree shaped
+    like `params`, zeros at the frozen leaves (the optimizer's frozen branch ignores them)."""
+    if trainable_mask is None:
+        return grads
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    it = iter(grads)
+    return treedef.unflatten([next(it) if k else jnp.zeros_like(leaf)
+                              for leaf, k in zip(leaves, jax.tree_util.tree_leaves(trainable_mask))])
+
+
 def loss_and_grads(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array],
-                   microbatches: int = 1) -> tuple[tuple[jax.Array, dict], Any]:
+                   microbatches: int = 1, trainable_mask: Any | None = None) -> tuple[tuple[jax.Array, dict], Any]:
     """((loss, metrics), grads) of `loss_fn` on the whole batch. With microbatches > 1 the batch
     is cut into that many microbatches (rows i, i+M, i+2M, ...: each keeps its share on every
     device), run one after the other under lax.scan, and their summed losses and gradients are
-    divided by the whole batch's token count: the same update as one pass, in less memory."""
+    divided by the whole batch's token count: the same update as one pass, in less memory.
+
+    trainable_mask (retrofit): grads are those of the True leaves only, as a list in tree-leaf
+    order (`expand_grads` makes the full tree); None: grads of every param, as a tree."""
+    wrt, rebuild = _restricted(params, trainable_mask)
+
+    def masked_sum(w, batch):
+        return _masked_sum(rebuild(w), cfg, batch)
+
     if microbatches == 1:
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, cfg, batch)
+        return jax.value_and_grad(lambda w, b: _metrics(*masked_sum(w, b)), has_aux=True)(wrt, batch)
     b = batch["tokens"].shape[0]
     if b % microbatches:
         raise ValueError(f"batch {b} does not split into {microbatches} microbatches")
@@ -102,11 +149,11 @@ def loss_and_grads(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array],
 
     def accumulate(carry, micro):
         (total, count), grads = carry
-        (t, c), g = jax.value_and_grad(_masked_sum, has_aux=True)(params, cfg, micro)
+        (t, c), g = jax.value_and_grad(masked_sum, has_aux=True)(wrt, micro)
         return ((total + t, count + c), jax.tree.map(jnp.add, grads, g)), None
 
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    ((total, count), grads), _ = jax.lax.scan(accumulate, (zero, jax.tree.map(jnp.zeros_like, params)), split)
+    ((total, count), grads), _ = jax.lax.scan(accumulate, (zero, jax.tree.map(jnp.zeros_like, wrt)), split)
     return _metrics(total, count), jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
 
 
@@ -114,14 +161,17 @@ def loss_and_grads(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array],
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-               microbatches: int = 1) -> tuple[TrainState, dict]:
+               microbatches: int = 1, trainable_mask: Any | None = None) -> tuple[TrainState, dict]:
     """One forward + backward (over `microbatches` microbatches) + optimizer update, skipped if the
     loss or gradients are not finite.
 
-    Metrics: loss, bits_per_token, tokens, grad_norm (before clipping), skipped (0/1) and,
-    given the optimizer's `schedule`, learning_rate (the rate this step used)."""
-    (loss, metrics), grads = loss_and_grads(state.params, cfg, batch, microbatches)
+    trainable_mask: the optimizer's (retrofit); only those leaves are differentiated.
+    Metrics: loss, bits_per_token, tokens, grad_norm (of the trained leaves' gradients, before
+    clipping: the norm clipping compares with clip_norm), skipped (0/1) and, given the optimizer's
+    `schedule`, learning_rate (the rate this step used)."""
+    (loss, metrics), grads = loss_and_grads(state.params, cfg, batch, microbatches, trainable_mask)
     grad_norm = optax.tree.norm(grads)
+    grads = expand_grads(state.params, grads, trainable_mask)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     # A zero update keeps the parameter itself (bit for bit, even -0.0): frozen params never move.
@@ -139,12 +189,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
 
 def make_sharded_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                             mesh: jax.sharding.Mesh, state_shardings: TrainState,
-                            schedule: optax.Schedule | None = None, microbatches: int = 1) -> Callable:
+                            schedule: optax.Schedule | None = None, microbatches: int = 1,
+                            trainable_mask: Any | None = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`: jitted with in/out shardings, the state donated.
 
     Batches must be global arrays split over data x fsdp (`mesh.global_batch`); metrics come
     back replicated."""
-    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, microbatches=microbatches)
+    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, microbatches=microbatches,
+                           trainable_mask=trainable_mask)
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
     return on_mesh(jitted, mesh)

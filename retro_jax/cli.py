@@ -53,7 +53,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         out = train(config, args.db, args.workdir, init_from=args.init_from, freeze_decoder=args.freeze_decoder,
                     progress=not args.no_progress, coordinator=args.coordinator,
-                    num_processes=args.num_processes, process_id=args.process_id, validate=validate)
+                    num_processes=args.num_processes, process_id=args.process_id, validate=validate,
+                    allow_db_change=args.allow_db_change)
     except TrainingError as e:
         print(f"retro-jax train: {e}", file=sys.stderr)
         return 1
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="init and data-order seed (train.seed)")
     tr.add_argument("--init-from", metavar="BASELINE_WORKDIR", help="initialise the decoder from a trained baseline")
     tr.add_argument("--freeze-decoder", action="store_true", help="with --init-from: train only encoder + CCA (retrofit)")
+    tr.add_argument("--allow-db-change", action="store_true",
+                    help="resume on another database than the run's (same tokenizer; default: refused)")
     tr.add_argument("--coordinator", help="host:port of process 0 (multi-process; else from the cluster env)")
     tr.add_argument("--num-processes", type=int, help="number of processes (multi-process)")
     tr.add_argument("--process-id", type=int, help="this process's index (multi-process)")

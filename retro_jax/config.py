@@ -172,10 +172,15 @@ def default_config() -> ml_collections.ConfigDict:
         "train": dict(seq_len=2048, batch_size=256, steps=100_000, lr_max=2e-4, lr_init=1e-7,
                       warmup_steps=750, lr_final_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9,
                       b2=0.95, seed=0, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
-                      max_bad_steps=10, retrieval=True, eval_every=0, eval_batches=8, microbatches=1),
+                      max_bad_steps=10, retrieval=True, eval_every=0, eval_batches=8, microbatches=1,
+                      # The cosine schedule's horizon; 0: train.steps when the run starts. `train`
+                      # records the value it used, so a resume with a larger --steps keeps it.
+                      decay_steps=0),
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # -1 fills with the remaining devices
         "eval": {"window": 2048, "stride": 1024, "batch_size": 8},  # the paper's 2048 / 1024
-        "data": {"db": "", "tokenizer_sha256": ""},
+        # Filled in by `train`: the database's folder, its tokenizer's sha256 and its manifest.json's
+        # sha256 (its identity: a resume refuses another database unless told to accept it).
+        "data": {"db": "", "tokenizer_sha256": "", "manifest_sha256": ""},
     })
 
 
@@ -208,6 +213,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "microbatches"):
         if t[key] <= 0:
             raise ValueError(f"train.{key} must be positive, got {t[key]}")
+    if t.decay_steps < 0:
+        raise ValueError(f"train.decay_steps must be >= 0 (0: train.steps), got {t.decay_steps}")
     if t.batch_size % t.microbatches:
         raise ValueError(f"train.batch_size {t.batch_size} does not split into train.microbatches={t.microbatches}")
     return config

@@ -127,3 +127,13 @@ def restore_params(workdir: str | Path, cfg: ModelConfig, mesh: Mesh, step: int 
     shape: restore reshards). Only the params are read, not the optimizer state. An unreadable
     checkpoint raises UnreadableCheckpointError naming the step."""
     return restore_params_only(workdir, with_shardings(abstract_params(cfg), param_shardings(cfg, mesh)), step)
+
+
+def restore_params_to_host(workdir: str | Path, cfg: ModelConfig, step: int | None = None) -> Any:
+    """The params of checkpoint `step` (None: the newest) of `workdir` as whole host numpy arrays,
+    on no device and no mesh, so no dimension has to divide any device count (what export needs).
+    In a multi-process run every process must call it (Orbax coordinates the reads); each gets the
+    whole tree."""
+    # Zero-stride placeholders carry only shape and dtype: Orbax restores np.ndarray for them.
+    target = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract_params(cfg))
+    return restore_params_only(workdir, target, step)

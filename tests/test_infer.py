@@ -198,3 +198,105 @@ def test_cli_export_and_generate(trained, tmp_path, capsys):
     assert len(report["generations"]) == 1 and report["generations"][0]["neighbours"]
     assert cli_main(["generate", "--model", str(out), "--prompt", "x"]) == 2  # retrieval needs --db
     assert "--db" in capsys.readouterr().err
+
+
+# -- where an export is written ----------------------------------------------------------------
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_an_existing_export_is_refused_without_overwrite_and_replaced_whole_with_it(trained, tmp_path):
+    out = export(trained["workdir"], tmp_path / "e")
+    before = _files(out)
+    with pytest.raises(FileExistsError, match="exists: pass --overwrite"):
+        export(trained["workdir"], out, dtype="bfloat16")
+    assert _files(out) == before
+    export(trained["workdir"], out, dtype="bfloat16", overwrite=True)
+    cfg, params = load_exported(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no temp or replaced folder left beside it
+    # a folder that is not an export is never replaced, even with overwrite; an empty one is used
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an export folder"):
+        export(trained["workdir"], tmp_path / "notes", overwrite=True)
+    assert _files(tmp_path / "notes") == {"todo.txt": b"mine"}
+    (tmp_path / "empty").mkdir()
+    load_exported(export(trained["workdir"], tmp_path / "empty"))
+
+
+def test_a_failed_export_leaves_the_previous_one_whole_and_nothing_beside_it(trained, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    import safetensors.numpy
+
+    out = export(trained["workdir"], tmp_path / "e")
+    before = _files(out)
+    # a side folder of an export that was killed (its process is gone) is cleared by the next export
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".e.tmp-{socket.gethostname()}-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export(trained["workdir"], out, overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    # killed between moving the old export aside and moving the new one in: the old one is put back
+    out.rename(tmp_path / f".e.old-{socket.gethostname()}-{int(dead.stdout)}")
+    with pytest.raises(OSError, match="No space left"):
+        export(trained["workdir"], out, overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    load_exported(out)
+
+
+def _workdir_copy(trained, dst: Path, tokenizer: bytes | None | str = "keep", db: str | None = None) -> Path:
+    """A copy of the trained workdir: its tokenizer.model kept, removed (None) or replaced (bytes);
+    its recorded database moved to `db`."""
+    w = shutil.copytree(trained["workdir"], dst)
+    if tokenizer is None:
+        (w / "tokenizer.model").unlink()
+    elif isinstance(tokenizer, bytes):
+        (w / "tokenizer.model").write_bytes(tokenizer)
+    if db is not None:
+        sections = json.loads((w / "config.json").read_text())
+        sections["data"]["db"] = db
+        (w / "config.json").write_text(json.dumps(sections))
+    return w
+
+
+def test_the_tokenizer_travels_with_the_workdir_and_older_workdirs_use_the_database(trained, tmp_path, capsys):
+    db_tokenizer = (Path(trained["db"]) / "tokenizer.model").read_bytes()
+    _, weights = load_exported(trained["export"])
+    assert (trained["workdir"] / "tokenizer.model").read_bytes() == db_tokenizer  # copied at train time
+    # the database moved away: the workdir's copy is exported
+    moved = export(_workdir_copy(trained, tmp_path / "moved", db=str(tmp_path / "gone")), tmp_path / "e1")
+    assert (moved / "tokenizer.model").read_bytes() == db_tokenizer
+    _, params = load_exported(moved)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(params),
+                                                                          jax.tree.leaves(weights)))
+    # an older workdir (no copy): the database's
+    old = export(_workdir_copy(trained, tmp_path / "old", tokenizer=None), tmp_path / "e2")
+    assert (old / "tokenizer.model").read_bytes() == db_tokenizer
+    # neither: one line saying where the tokenizer should be; nothing written
+    neither = _workdir_copy(trained, tmp_path / "neither", tokenizer=None, db=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer to export: neither .*neither/tokenizer.model"):
+        export(neither, tmp_path / "e3")
+    assert not (tmp_path / "e3").exists()
+    assert cli_main(["export", "--workdir", str(neither), "--out", str(tmp_path / "e3")]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer to export" in err and "Traceback" not in err
+    # a tokenizer other than the one the run recorded is never exported
+    wrong = _workdir_copy(trained, tmp_path / "wrong", tokenizer=b"not it", db=str(tmp_path / "gone"))
+    with pytest.raises(ExportError, match="the run recorded tokenizer sha256"):
+        export(wrong, tmp_path / "e4")

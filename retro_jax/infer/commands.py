@@ -10,11 +10,16 @@ from typing import Any
 
 
 def _export(args: argparse.Namespace) -> int:
-    from retro_jax.infer.export import export
+    import jax
 
-    out = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
-    meta = json.loads((out / "config.json").read_text())
-    print(f"exported step {meta['step']} of {args.workdir} ({meta['model']['name']}, {meta['dtype']}) to {out}")
+    from retro_jax.infer.export import export
+    from retro_jax.train import distributed
+
+    distributed.maybe_initialize()  # several processes (a cluster's environment): process 0 writes
+    out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+    if jax.process_index() == 0:
+        meta = json.loads((out / "config.json").read_text())
+        print(f"exported step {meta['step']} of {args.workdir} ({meta['model']['name']}, {meta['dtype']}) to {out}")
     return 0
 
 
@@ -51,12 +56,16 @@ def register(sub: Any) -> None:
     """Add the `export` and `generate` verbs to an argparse subparsers object."""
     ex = sub.add_parser("export", help="write a checkpoint's params for inference (safetensors + JSON config)",
                         description="Export the params of a training workdir's checkpoint (no optimizer state) "
-                                    "to EXPORT_DIR: model.safetensors, config.json, tokenizer.model, README.md.")
+                                    "to EXPORT_DIR: model.safetensors, config.json, tokenizer.model, README.md. "
+                                    "The folder is written beside EXPORT_DIR and moved into place whole. "
+                                    "Several processes (a multi-host run) all read; process 0 writes.")
     ex.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
     ex.add_argument("--out", required=True, metavar="EXPORT_DIR", help="folder to write")
     ex.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
     ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="tensor dtype in the file (default float32, as trained)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an existing export in EXPORT_DIR (written beside it, then swapped in)")
     ex.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate text from an exported model, retrieving neighbours live",

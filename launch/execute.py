@@ -7,7 +7,8 @@ cluster's environment, retro_jax/train/distributed.py). A run's folder holds
   run.json      its settings (what the folder name's hash covers)
   train/        the training workdir (checkpoints, metrics.jsonl, TensorBoard); a rerun resumes it
   eval_validation.json (+ two PNGs)   RETRO runs: bpb on/off, the baseline, bpb(alpha), k sweep
-  export/       safetensors + JSON config (when the sweep exports)
+  export/       safetensors + JSON config (when the sweep exports; written by process 0, moved
+                into place whole)
   done.json     written LAST: the run is complete and a rerun of the sweep skips it
   failed.json   the error, when the run failed (removed when it is run again)
 """
@@ -33,7 +34,7 @@ class RunError(RuntimeError):
 
 
 def _write(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # never another writer's temp file
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
@@ -136,20 +137,27 @@ def _wait_for(sweep: Sweep, run: Run, timeout_s: float) -> Path:
 
 
 def execute(sweep: Sweep, run: Run, progress: bool = False, baseline_timeout_s: float = 24 * 3600) -> dict[str, Any]:
-    """Run (or resume, or skip when complete) one run; returns what done.json holds."""
+    """Run (or resume, or skip when complete) one run; returns what done.json holds.
+
+    A multi-host run calls it in every process (the cluster's environment joins them, before
+    anything touches a device); process 0 writes the run's files and its export."""
     import jax
 
     from retro_jax.eval.run import evaluate
     from retro_jax.infer.export import export
     from retro_jax.retrieval.database import Database
+    from retro_jax.train import distributed
     from retro_jax.train.loop import train
 
     d = sweep.run_dir(run)
     if (d / DONE).is_file():
         return json.loads((d / DONE).read_text())
+    distributed.maybe_initialize()  # no-op for one process; a subset build may already use jax
+    lead = jax.process_index() == 0
     d.mkdir(parents=True, exist_ok=True)
-    (d / FAILED).unlink(missing_ok=True)
-    _write(d / "run.json", {"id": run.id, "sweep": sweep.name, **run.settings})
+    if lead:
+        (d / FAILED).unlink(missing_ok=True)
+        _write(d / "run.json", {"id": run.id, "sweep": sweep.name, **run.settings})
     t0 = time.time()
     try:
         base_run = sweep.baseline_for(run) if run.kind == "retro" else None
@@ -170,15 +178,15 @@ def execute(sweep: Sweep, run: Run, progress: bool = False, baseline_timeout_s: 
                               ks=tuple(sweep.neighbour_sweep))
             result |= {k: report[k] for k in ("bpb", "bpb_alpha", "loss_per_token", "alpha_counts",
                                                "neighbour_sweep")}
-        if sweep.export:
-            export(str(d / "train"), str(d / "export"))
+        if sweep.export:  # every process reads, process 0 writes; a rerun replaces an earlier export
+            export(str(d / "train"), str(d / "export"), overwrite=True)
             result["export"] = str(d / "export")
         result["seconds"] = round(time.time() - t0, 1)
-        if jax.process_index() == 0:
+        if lead:
             _write(d / DONE, result)
         return result
     except BaseException as e:
-        if jax.process_index() == 0:
+        if lead:
             _write(d / FAILED, {"id": run.id, "error": f"{type(e).__name__}: {e}", "host": socket.gethostname(),
                                 "traceback": traceback.format_exc()[-4000:]})
         raise

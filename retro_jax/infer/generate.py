@@ -1,6 +1,7 @@
 """Generate text from an exported model, retrieving neighbours live at every chunk boundary.
 
     gen = Generator("export/", "db/")                      # what `retro-jax generate` calls
+    gen = Generator.from_params(cfg, params, tokenizer)    # parameters in memory, retrieval off
     out = gen.generate(["The quick brown fox"], max_new_tokens=64, temperature=0)
     out[0].text, out[0].neighbours
 
@@ -20,7 +21,10 @@ positions and one for chunk boundaries, whatever the number of tokens). Rules:
   model can read its continuation from the neighbours. That is leakage, not generalisation
   (see `retro-jax eval`): `show_neighbours` shows what each chunk read.
 - Tokens are drawn from the tokenizer's vocabulary only (a model's vocab_size may be larger).
-- Each row gets max_new_tokens new tokens, fewer if it samples the tokenizer's EOS (which ends it).
+- Each row gets max_new_tokens new tokens, fewer if it samples the tokenizer's EOS (which ends it;
+  the other rows go on). build-db ends every document with EOS, so a model trained on such a
+  database learns to emit it where a document ends (one trained on a database built before that,
+  whose manifest records no `document_end`, never saw it and runs to max_new_tokens).
 - temperature 0 is greedy (argmax) and deterministic; otherwise softmax sampling at that
   temperature, restricted to the top_k most likely tokens (0: all) and to the smallest set whose
   probability reaches top_p (1: all), from a PRNG key of `seed`.
@@ -75,22 +79,32 @@ class Generator:
                  retrieval: bool = True, retriever: Any = None) -> None:
         meta = read_export_config(model_dir)
         cfg, params = load_exported(model_dir)
-        self.tokenizer = Tokenizer.load(str(Path(model_dir) / TOKENIZER))
-        self.retrieval = bool(retrieval and cfg.is_retro)
+        tokenizer = Tokenizer.load(str(Path(model_dir) / TOKENIZER))
         if neighbours is not None:
             if neighbours < 1:
                 raise ValueError(f"--neighbours must be >= 1, got {neighbours}")
             cfg = dataclasses.replace(cfg, num_neighbours=neighbours)
-        self.cfg = cfg
-        self.retriever = None
-        if self.retrieval:
+        if retrieval and cfg.is_retro:
             from retro_jax.retrieval.database import Database, Retriever
 
             if db_dir is None:
                 raise ValueError(f"{cfg.name} retrieves: give the database (--db) or turn retrieval off")
             db = Database.open(db_dir)
             db.check_model(cfg, tokenizer_sha256=meta["tokenizer"]["sha256"])
-            self.retriever = retriever or Retriever(db)
+            retriever = retriever or Retriever(db)
+        self._setup(cfg, params, tokenizer, retriever if retrieval and cfg.is_retro else None)
+
+    @classmethod
+    def from_params(cls, cfg: Any, params: Any, tokenizer: Tokenizer, retriever: Any = None) -> "Generator":
+        """A generator over parameters in memory (no export folder read, no database checked);
+        retrieval is on when `retriever` is given and the model has CCA layers."""
+        self = cls.__new__(cls)
+        self._setup(cfg, params, tokenizer, retriever if cfg.is_retro else None)
+        return self
+
+    def _setup(self, cfg: Any, params: Any, tokenizer: Tokenizer, retriever: Any) -> None:
+        self.cfg, self.tokenizer, self.retriever = cfg, tokenizer, retriever
+        self.retrieval = retriever is not None
         self.params = jax.device_put(params)
         self._step = jax.jit(functools.partial(decode_step, cfg=cfg, retrieval=self.retrieval), donate_argnums=2)
         self._sample = jax.jit(sample, static_argnums=(2, 3, 4))

@@ -13,8 +13,13 @@ Stages and the choices written down here:
 * chunks (per slice): pass 1 streams the whole corpus and MinHashes every validation document;
   pass 2 streams it again and, for the slice's documents (doc_id % W == I), sends validation
   documents to validation chunks and training documents that are not near-duplicates to train
-  chunks. Documents shorter than one chunk are skipped and counted (a neighbour needs a full
-  chunk). With `max_chunks`, reading stops after the training document that reaches it.
+  chunks. Every document's tokens end with the tokenizer's EOS id (settings `document_end: eos`),
+  so the chunk holding a document's end carries it: the model learns where documents end and
+  generation's stop-at-EOS can fire; EOS decodes to no text and counts 0 bytes (bits-per-byte
+  scores predicting it at no byte cost), and a chunk of EOS alone (a document that filled its
+  last chunk) embeds the empty text. Documents whose text is shorter than one chunk are skipped
+  and counted (a neighbour needs a full chunk). With `max_chunks`, reading stops after the
+  training document that reaches it.
   With `sample_documents` = p < 1, each document (of either split) is kept with probability p,
   by a seeded hash of its source: a small database drawn from the whole corpus, not from
   whatever folder sorts first (the same documents on every machine and every worker).
@@ -53,8 +58,8 @@ from retro_jax.retrieval.combine import combine_slices, take_lock
 from retro_jax.retrieval.index import IndexConfig, ShardedIndex
 from retro_jax.retrieval.neighbours import compute_neighbours, distances_path, progress_path
 from retro_jax.retrieval.slice_stages import EMBED_BLOCK, chunks_stage, embed_stage, load_embedder, tokenizer_stage
-from retro_jax.retrieval.stages import (BuildError, Stage, diff_settings, read_json,
-                                        slice_dir, write_json)
+from retro_jax.retrieval.stages import (DOCUMENT_END, BuildError, Stage, chunk_settings, diff_settings,
+                                        read_json, slice_dir, write_json)
 
 __all__ = ["BuildError", "build_database", "load_embedder"]
 
@@ -173,7 +178,8 @@ def build_database(
     _check_out(root, overwrite)
     s = _settings(corpus, max_documents=max_documents, val_fraction=val_fraction, seed=seed, dedup=dedup,
                   vocab_size=vocab_size, chunk_size=chunk_size, max_chunks=max_chunks, num_workers=num_workers,
-                  shards=shards, index_mode=index_mode, neighbours_stored=neighbours_stored)
+                  shards=shards, index_mode=index_mode, neighbours_stored=neighbours_stored,
+                  document_end=DOCUMENT_END)
     if sample_documents < 1.0:  # recorded only when used, so databases built before it still match
         s["sample_documents"] = float(sample_documents)
     emb = None if combine else load_embedder(embedder, max_length, embed_batch_size)
@@ -216,7 +222,8 @@ def _combined_already(root: Path, s: dict[str, Any], tok: Tokenizer, given: bool
     if not rec.get("complete"):
         return False
     old = {**rec["result"]["settings"], "tokenizer_sha256": rec["result"].get("tokenizer_sha256")}
-    new = {**{k: s.get(k) for k in old}, "tokenizer_sha256": tok.sha256}
+    # chunk_settings' keys too: a merge recorded before a chunk setting existed (document_end) differs
+    new = {**{k: s.get(k) for k in set(old) | set(chunk_settings(s))}, "tokenizer_sha256": tok.sha256}
     if given or read_json(root / "stages" / "tokenizer.json")["settings"]["source"] == "given":
         old.pop("vocab_size"), new.pop("vocab_size")
     diff = diff_settings(old, new)

@@ -103,9 +103,11 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
                     unit="doc", disable=not progress):
         if refs is not None and is_validation(doc.source, seed, frac) and sampled(doc.source, seed, keep):
             refs.add_reference(doc.doc_id, doc.text)
+    # Every document's tokens end with the tokenizer's EOS (module docstring of build.py); a
+    # document is kept when its TEXT fills at least one chunk, hence min_tokens m + 1.
     writers = {split: ChunkWriter(str(dbl.chunks_dir(sdir, split)), s["chunk_size"],
                                   token_num_bytes=tok.token_num_bytes(), pad_id=tok.pad_id,
-                                  min_tokens=s["chunk_size"], overwrite=True) for split in dbl.SPLITS}
+                                  min_tokens=s["chunk_size"] + 1, overwrite=True) for split in dbl.SPLITS}
     near_dups, short = [], []
     bar = tqdm(total=stats.documents, desc=f"chunks (slice {worker}/{w})", unit="doc", disable=not progress)
     for doc in iter_documents(paths, s["max_documents"]):
@@ -116,7 +118,7 @@ def chunks_stage(sdir: Path, s: dict[str, Any], tok: Tokenizer, worker: int, ove
         if split == "train" and refs is not None and refs.is_near_duplicate(doc.text):
             near_dups.append(doc.doc_id)
             continue
-        if writers[split].add(doc.doc_id, tok.encode(doc.text)) == 0:
+        if writers[split].add(doc.doc_id, [*tok.encode(doc.text), tok.eos_id]) == 0:
             short.append(doc.doc_id)
         if s["max_chunks"] and writers["train"].stats.chunks >= s["max_chunks"]:
             log.info("reached --max-chunks %d at document %d; stopping", s["max_chunks"], doc.doc_id)

@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 # The settings that decide which documents become which chunks (the chunks and combine stages).
-CHUNK_KEYS = ("corpus", "max_documents", "val_fraction", "seed", "dedup", "chunk_size", "max_chunks", "num_workers")
+# document_end: how a document's tokens end; "eos" (the only value this code writes): with the
+# tokenizer's EOS id. A database built before it has none recorded, so its chunks hold no EOS.
+CHUNK_KEYS = ("corpus", "max_documents", "val_fraction", "seed", "dedup", "chunk_size", "max_chunks", "num_workers",
+              "document_end")
+DOCUMENT_END = "eos"
 
 
 def chunk_settings(s: dict[str, Any]) -> dict[str, Any]:

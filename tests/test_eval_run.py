@@ -1,6 +1,8 @@
 """`retro-jax eval` end to end on tiny trained workdirs (RETRO and baseline), through its argparse
-verb: the JSON keys, bpb(1) == bpb, counts that match the database, and both PNGs; plus the
-clear error for a model whose chunk size is not the database's."""
+verb: the report's columns, numbers that agree with each other (tests/_report_checks.py: bpb is
+the token loss over the counted bytes, bpb(alpha) and its counts grow with alpha to the whole
+split), counts that match the database, the table showing exactly those numbers, and both PNGs;
+plus the clear error for a model whose chunk size or tokenizer is not the database's."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from _damage import damage
+from _report_checks import assert_numbers_hold, assert_table_shows
 from _db_helpers import shared
 from retro_jax.config import ModelConfig, apply_overrides, load_config
 from retro_jax.eval import report
@@ -64,11 +67,9 @@ def test_eval_verb_reports_every_model_and_writes_plots(runs, capsys):
     argv = ["eval", "--workdir", runs["retro"], "--db", runs["db"], "--baseline", runs["baseline"], "--json"]
     assert _cli(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["bpb"]) == {"retro", "retro_off", "baseline"} == set(out["bpb_alpha"])
-    for name, value in out["bpb"].items():
-        assert np.isfinite(value) and value > 0
-        assert out["bpb_alpha"][name]["1"] == pytest.approx(value)  # r(C) <= 1 keeps every chunk
-        assert set(out["bpb_alpha"][name]) == {"0", "0.125", "0.25", "0.5", "0.75", "1"}
+    assert_numbers_hold(out, ("retro", "retro_off", "baseline"))
+    assert out["alphas"] == ["0", "0.125", "0.25", "0.5", "0.75", "1"]
+    assert all(set(curve) == set(out["alphas"]) for curve in out["bpb_alpha"].values())
     assert out["bpb"]["retro"] != out["bpb"]["retro_off"]  # the neighbours reach the logits
     assert out["bpb"]["baseline"] == pytest.approx(out["bpb"]["retro_off"], rel=1e-6)  # its own decoder
     assert out["models"]["retro"]["neighbours"] == 2
@@ -89,13 +90,14 @@ def test_eval_verb_reports_every_model_and_writes_plots(runs, capsys):
     for key in ("bpb_alpha_png", "leakage_png"):
         assert Path(files[key]).parent == Path(runs["retro"])
         assert Path(files[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table_md = report.markdown_table(out)
-    assert "RETRO [on] (k=2)" in table_md and "bpb(alpha=0.125)" in table_md
+    assert_table_shows(report.markdown_table(out), out)  # what `retro-jax eval` prints without --json
 
 
 def test_a_baseline_workdir_alone_has_no_retrieval_columns(runs, tmp_path):
     out = evaluate(runs["baseline"], runs["db"], out_dir=tmp_path, progress=False)
     assert set(out["bpb"]) == {"baseline"} and out["neighbour_sweep"] == {}
+    assert_numbers_hold(out, ("baseline",))
+    assert_table_shows(report.markdown_table(out), out)
     assert (tmp_path / "eval_validation_bpb_alpha.png").is_file()
 
 

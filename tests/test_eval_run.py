@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.register_assert_rewrite("_report_checks")  # its failures name the values
+
 from _damage import damage
-from _report_checks import assert_numbers_hold, assert_table_shows
 from _db_helpers import shared
+from _report_checks import assert_numbers_hold, assert_table_shows
 from retro_jax.config import ModelConfig, apply_overrides, load_config
 from retro_jax.eval import report
 from retro_jax.eval import run as eval_run

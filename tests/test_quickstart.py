@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytest.register_assert_rewrite("_report_checks")  # its failures name the values
+
 from _report_checks import assert_numbers_hold, assert_table_shows
 
 pytestmark = pytest.mark.slow

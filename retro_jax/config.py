@@ -28,7 +28,17 @@ from typing import Any, Iterable
 import ml_collections
 
 PAPER_VOCAB = 128_000
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def _configs_dir() -> pathlib.Path:
+    """The presets: retro_jax/configs/ in an installed wheel (pyproject maps configs/ there), else
+    configs/ beside the package (a checkout, or an editable install of one)."""
+    here = pathlib.Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if (packaged / "tiny.py").is_file() else here.parent / "configs"
+
+
+CONFIGS_DIR = _configs_dir()
 WORKDIR_CONFIG = "config.json"
 
 

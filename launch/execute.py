@@ -2,7 +2,7 @@
 
 Every backend runs the same thing on its machines: `python launch/sweep.py --sweep FILE --out OUT
 --run RUN_ID` (one process per host; a multi-host run's processes find each other through the
-cluster's environment, retro_jax/train/distributed.py). A run's folder holds
+cluster's environment, retro_jax/runtime/distributed.py). A run's folder holds
 
   run.json      its settings (what the folder name's hash covers)
   train/        the training workdir (checkpoints, metrics.jsonl, TensorBoard); a rerun resumes it
@@ -146,7 +146,7 @@ def execute(sweep: Sweep, run: Run, progress: bool = False, baseline_timeout_s: 
     from retro_jax.eval.run import evaluate
     from retro_jax.infer.export import export
     from retro_jax.retrieval.database import Database
-    from retro_jax.train import distributed
+    from retro_jax.runtime import distributed
     from retro_jax.train.loop import train
 
     d = sweep.run_dir(run)

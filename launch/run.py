@@ -7,7 +7,7 @@
 Everything after `--` is the retro-jax command line, run as `python -m retro_jax.cli ...` by
 one process per host (SLURM: one per node under srun; TPU: every host of the slice through
 `gcloud compute tpus tpu-vm ssh --worker=all`); the processes find each other from the
-cluster's environment (retro_jax/train/distributed.py). The same backends run sweeps
+cluster's environment (retro_jax/runtime/distributed.py). The same backends run sweeps
 (launch/sweep.py); see launch/backends.py.
 """
 

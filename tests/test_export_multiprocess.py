@@ -119,7 +119,7 @@ def test_two_processes_write_one_export_equal_to_a_one_process_export(two_proces
 # (not wait for ever, not write the folder itself).
 FAILING = """
 import sys
-from retro_jax.train import distributed
+from retro_jax.runtime import distributed
 distributed.maybe_initialize()
 import jax, safetensors.numpy
 from retro_jax.infer.export import export

@@ -5,7 +5,7 @@ test_two_processes_killed_mid_run_resume_to_the_same_losses.)"""
 
 import pytest
 
-from retro_jax.train import distributed
+from retro_jax.runtime import distributed
 
 CLUSTER_ENV = ("RETRO_DISTRIBUTED", "RETRO_COORDINATOR", "RETRO_NUM_PROCESSES", "RETRO_PROCESS_ID",
                "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")

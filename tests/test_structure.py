@@ -1,4 +1,4 @@
-"""The package keeps its shape: no import cycles, train/ and eval/ never import each other, no
+"""The package keeps its shape: no import cycles, train/, eval/ and infer/ never import one another, no
 file over 400 lines; and the check finds each of those when one is planted."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import _structure
 PACKAGE = Path(__file__).resolve().parent.parent / "retro_jax"
 
 
-def test_the_package_has_no_cycle_no_train_eval_import_and_no_long_file():
+def test_the_package_has_no_cycle_no_sideways_import_and_no_long_file():
     mods, edges = _structure.import_graph(PACKAGE)
     assert {"retro_jax.train.loop", "retro_jax.eval.run", "retro_jax.runtime.state"} <= set(mods)
     assert "retro_jax.runtime.state" in edges["retro_jax.train.loop"]  # the graph sees real imports
@@ -33,11 +33,13 @@ def test_the_check_finds_each_planted_fault(tmp_path):
         "train/__init__.py": "", "eval/__init__.py": "",
         "train/loop.py": "from ..eval.run import score\n",
         "eval/run.py": "from pkg import a\nscore = 1\n",
+        "infer/__init__.py": "", "infer/export.py": "def f():\n    from pkg.train import loop\n",
         "long.py": "x = 1\n" * 401,
     })
     assert _structure.findings(pkg) == [
         "import cycle: pkg.a <-> pkg.b",
-        "pkg.train.loop imports pkg.eval.run (train/ and eval/ stand side by side on the runtime)",
+        "pkg.infer.export imports pkg.train.loop (train/, eval/ and infer/ stand side by side on the runtime)",
+        "pkg.train.loop imports pkg.eval.run (train/, eval/ and infer/ stand side by side on the runtime)",
         f"{pkg / 'long.py'}: 401 lines (keep files under about 400)",
     ]
 

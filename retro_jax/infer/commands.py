@@ -13,7 +13,7 @@ def _export(args: argparse.Namespace) -> int:
     import jax
 
     from retro_jax.infer.export import export
-    from retro_jax.train import distributed
+    from retro_jax.runtime import distributed
 
     distributed.maybe_initialize()  # several processes (a cluster's environment): process 0 writes
     out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)

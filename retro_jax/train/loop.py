@@ -49,7 +49,8 @@ from retro_jax.retrieval.digest import sha256_file
 from retro_jax.runtime.checkpoint import Checkpointer
 from retro_jax.runtime.mesh import check_batch, global_batch, local_batch_slice, mesh_from_config
 from retro_jax.runtime.state import sharded_init, with_shardings
-from retro_jax.train import distributed, retrofit
+from retro_jax.runtime import distributed
+from retro_jax.train import retrofit
 from retro_jax.train.loader import TrainLoader
 from retro_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from retro_jax.train.step import decay_horizon, make_sharded_train_step, optimizer_from_config

@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=12 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=12 tests
 
 quickstart: $(STAMP)
 	$(VENV)/bin/retro-jax quickstart --out $(OUT)

@@ -111,7 +111,9 @@ def run(out: str = "out/quickstart", steps: int | None = None, max_chunks: int |
     t0 = time.perf_counter()
     settings = dict(DB_SETTINGS, max_chunks=max_chunks or DB_SETTINGS["max_chunks"],
                     val_fraction=DB_SETTINGS["val_fraction"] if val_fraction is None else val_fraction)
-    build_database(None, str(root / "db"), **settings)
+    # The folder is the quickstart's own: a database left by an older version (other settings)
+    # is rebuilt where it differs; one with the same settings is reused as it is.
+    build_database(None, str(root / "db"), overwrite=True, **settings)
     timings["build_db_s"] = time.perf_counter() - t0
     db = Database.open(root / "db")
     print(json.dumps({"splits": db.info()["splits"]}))

@@ -21,6 +21,12 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+# Multi-process tests (2 processes x 4 CPU devices, gloo collectives) carry
+# @pytest.mark.xdist_group("processes") and `make test` runs with --dist loadgroup, so two of
+# them never run at once: four such processes on 2 cores skew the processes of one run by more
+# than gloo's 30 s rendezvous timeout, which fails a collective (seen in a full suite).
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Modules holding a slow test run first (each module's tests stay together, so its fixtures
     are set up once): with 2 workers, the suite then ends on short tests instead of one worker

@@ -22,6 +22,8 @@ from _db_helpers import shared
 from launch.spec import load_sweep
 from retro_jax.infer.export import export, flatten, load_exported
 
+pytestmark = pytest.mark.xdist_group("processes")  # one multi-process test at a time (see conftest)
+
 ROOT = Path(__file__).resolve().parent.parent
 # d_model 68 is not a multiple of 8 (nor of 6); scanned layers 3-4 (export unstacks them).
 MODEL = ["model.vocab_size=512", "model.chunk_size=32", "model.d_model=68", "model.num_layers=4",

@@ -260,6 +260,7 @@ def _finish(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # never beside another multi-process test (see conftest)
 def test_two_processes_killed_mid_run_resume_to_the_same_losses(db, tmp_path, uninterrupted):
     """The whole `retro-jax train` (scanned, rematerialised layers) on 2 processes x 4 devices, both
     writing checkpoints through Orbax:

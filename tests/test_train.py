@@ -161,6 +161,10 @@ def test_metrics_jsonl_and_tensorboard_are_written(db, tmp_path):
     for key in ("loss", "bits_per_token", "lr", "grad_norm", "skipped_steps", "tokens_per_s", "mfu"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert "val_loss" in rows[-1] and "val_bpb" in rows[-1] and out["step"] == 3
+    # The window rule's counts so far: every chunk of every sequence, K slots each.
+    per_step = cfg.train.batch_size * cfg.train.seq_len // cfg.model.chunk_size * cfg.model.num_neighbours
+    assert [r["window_slots"] for r in rows] == [per_step * r["step"] for r in rows]
+    assert all(0 <= r["window_dropped"] <= r["window_slots"] for r in rows)
     assert list((tmp_path / "w" / "tb").glob("events.out.tfevents.*"))
 
 

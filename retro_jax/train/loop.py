@@ -242,6 +242,9 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
                             skipped_steps=int(jax.device_get(state.skipped)),
                             tokens_per_s=len(host) * tc.batch_size * tc.seq_len / dt,
                             mfu=len(host) * model_flops / dt / peak)
+                if retrieval:  # the window rule so far (this process's rows, kept across resumes)
+                    last.update(window_slots=loader.window_stats["slots"],
+                                window_dropped=loader.window_stats["dropped"])
                 if validate is not None and step % tc.eval_every == 0:
                     last.update(validate(state.params, mesh))
                 writer.write(step, last)

@@ -6,7 +6,8 @@ last); a document's tokens are `tokens[c, :lengths[c]]` of its chunks, in order.
 What is scored. Token t_i of an n-token document is predicted from t_0..t_{i-1}. There is no
 BOS token in the database, so t_0 has no context and is NOT scored: the targets are
 t_1..t_{n-1}, and the bytes are exactly those of the scored targets (`token_num_bytes`). A
-one-token document contributes nothing.
+one-token document contributes nothing. In a database that marks document ends
+(`document_end: eos`, build-db's default) t_{n-1} is EOS: predicting it is scored, at 0 bytes.
 
 Windows (the usual strided-perplexity scheme, the paper's 2048 / 1024). Window j of a document
 feeds the model the tokens [j*S, j*S + W) and predicts the targets (j*S, j*S + W]. Window 0

@@ -245,12 +245,15 @@ def _attention_bwd(plan, res, d_out):
             dv_j = jnp.einsum("bhqk,bhqd->bhkd", p.astype(dt), do_i, preferred_element_type=_F32)
             dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j, preferred_element_type=_F32)
             ds = p * (dp - delta_i[..., None])
-            dpos = skew_t(ds)[0].astype(dt)  # [B, H, Tq, Tq+Tk-1]: the band's cotangent
+            dpos32 = skew_t(ds)[0]  # [B, H, Tq, Tq+Tk-1]: the band's cotangent
+            dpos = dpos32.astype(dt)
             ds = ds.astype(dt)
             dqu = dqu + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j, preferred_element_type=_F32)
             dk_j = jnp.einsum("bhqk,bhqd->bhkd", ds, qu, preferred_element_type=_F32)
             dqw = dqw + jnp.einsum("bhqw,whd->bhqd", dpos, r_band, preferred_element_type=_F32)
-            dr_band = jnp.einsum("bhqw,bhqd->whd", dpos, qw, preferred_element_type=_F32)
+            # r's gradient sums over every query row: its cotangent stays float32 (in bfloat16
+            # rounding it first doubled the error against float32).
+            dr_band = jnp.einsum("bhqw,bhqd->whd", dpos32, qw.astype(_F32))
             dk = _add_at(dk, kj, dk_j)
             dv = _add_at(dv, kj, dv_j)
             band = jax.lax.dynamic_slice_in_dim(dr, start, tq + tk - 1, axis=0)

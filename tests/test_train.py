@@ -130,7 +130,11 @@ def test_retrofit_freezes_the_baseline_decoder_and_reproduces_it_with_retrieval_
     np.testing.assert_array_equal(np.asarray(off), np.asarray(ref))
 
 
-def test_non_finite_steps_are_skipped_then_training_stops_without_a_bad_checkpoint(db, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every,logged", [(1, [0, 0, 0, 1, 2, 3]), (4, [1, 5])])
+def test_non_finite_steps_are_skipped_then_training_stops_without_a_bad_checkpoint(db, tmp_path, monkeypatch,
+                                                                                   log_every, logged):
+    """The device is read at log steps only: the halt comes at the log step ending the window that
+    holds the max_bad_steps-th bad step in a row, and names that step (6)."""
     from retro_jax.train import loop
 
     real_next = loop.TrainLoader.__next__
@@ -144,11 +148,12 @@ def test_non_finite_steps_are_skipped_then_training_stops_without_a_bad_checkpoi
         return batch
 
     monkeypatch.setattr(loop.TrainLoader, "__next__", poisoned)
-    with pytest.raises(TrainingError, match="3 steps in a row"):
-        train(config("train.steps=20", "train.max_bad_steps=3", "train.checkpoint_every=3"), db,
-              str(tmp_path / "w"), progress=False)
+    with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss or gradient \(step 6\)"):
+        cfg = config("train.steps=20", "train.max_bad_steps=3", "train.checkpoint_every=3")
+        cfg.train.log_every = log_every  # (TRAIN, applied last, sets 1)
+        train(cfg, db, str(tmp_path / "w"), progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 2, 3]
+    assert [r["skipped_steps"] for r in rows] == logged
     params = _params(tmp_path / "w")  # the newest checkpoint (step 3) is the last good state
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 

@@ -226,6 +226,12 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     window: list[dict[str, jax.Array]] = []
     t_window = time.perf_counter()
     saved = latest
+    # Non-finite steps in a row, counted on the host from each log window's `skipped` metrics:
+    # the device is read only at log steps (no per-step sync; the next batch is put on the
+    # devices while a step runs), so the halt comes within one log window of the max_bad_steps-th
+    # bad step. A skipped step leaves params and optimizer state as they were, so whatever a
+    # checkpoint in between holds is the last good state.
+    bad_run = int(jax.device_get(state.bad_in_a_row))
     try:
         step = start
         while step < tc.steps and stop["signal"] is None:
@@ -248,13 +254,15 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
                 if validate is not None and step % tc.eval_every == 0:
                     last.update(validate(state.params, mesh))
                 writer.write(step, last)
+                window_start = step - len(host)
+                for i, m in enumerate(host):
+                    bad_run = bad_run + 1 if int(m["skipped"]) else 0
+                    if tc.max_bad_steps and bad_run >= tc.max_bad_steps:
+                        raise TrainingError(
+                            f"{bad_run} steps in a row had a non-finite loss or gradient (step {window_start + i + 1}); "
+                            f"stopping. The last checkpoint ({ckpt.latest_step()}) holds the last good state; "
+                            "lower --config.train.lr_max or check the data.")
                 window, t_window = [], time.perf_counter()
-            bad = int(jax.device_get(state.bad_in_a_row)) if tc.max_bad_steps else 0
-            if tc.max_bad_steps and bad >= tc.max_bad_steps:
-                raise TrainingError(
-                    f"{bad} steps in a row had a non-finite loss or gradient (step {step}); stopping. "
-                    f"The last checkpoint ({ckpt.latest_step()}) holds the last good state; lower "
-                    f"--config.train.lr_max or check the data.")
             if ckpt.save(step, state, loader.state(), config.to_dict()):
                 saved = step
         if saved != step:  # the final (or interrupted) step is always kept

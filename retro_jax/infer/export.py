@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import ModelConfig, model_config, read_workdir_config
+from retro_jax.data.processes import process_alive
 from retro_jax.model import abstract_params
 from retro_jax.model.layout import unstack_layers
 
@@ -93,9 +94,9 @@ def _host_params(workdir: Path, cfg: ModelConfig, step: int) -> dict[str, Any]:
     return unstack_layers(params, cfg) if cfg.scan_layers else params
 
 
-def _tokenizer_of(workdir: Path, config: Any) -> Path:
-    """The tokenizer the run trained with: WORKDIR/tokenizer.model (copied there at train time),
-    else (older workdirs) its database's; checked against the sha256 the run recorded."""
+def _tokenizer_of(workdir: Path, config: Any) -> tuple[Path, str]:
+    """(path, sha256) of the tokenizer the run trained with: WORKDIR/tokenizer.model (copied there
+    at train time), else (older workdirs) its database's; checked against the sha256 the run recorded."""
     from retro_jax.retrieval.database import TOKENIZER_FILE, sha256_file
 
     recorded = config.data.get("tokenizer_sha256") or ""
@@ -105,7 +106,7 @@ def _tokenizer_of(workdir: Path, config: Any) -> Path:
         if path.is_file():
             got = sha256_file(path)
             if not recorded or got == recorded:
-                return path
+                return path, got
             wrong.append(f"{str(path)!r} has sha256 {got[:16]}")
     if wrong:
         raise ExportError(f"no tokenizer to export: the run recorded tokenizer sha256 {recorded[:16]}, but "
@@ -154,16 +155,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _side_folder(out: Path, kind: str, pid: int) -> Path:
     """A sibling of EXPORT_DIR: `.NAME.tmp-HOST-PID` (being written) or `.NAME.old-HOST-PID` (being replaced)."""
     return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{pid}"
@@ -176,7 +167,7 @@ def _remove_stale(out: Path) -> None:
         prefix = _side_folder(out, kind, 0).name[:-1]
         for p in sorted(out.parent.iterdir()):
             pid = p.name[len(prefix):]
-            if not (p.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid))):
+            if not (p.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid))):
                 continue
             if kind == "old" and not out.exists() and not out.is_symlink():
                 os.replace(p, out)
@@ -248,8 +239,6 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
     host arrays, so no dimension needs to divide the devices), process 0 alone writes, the others
     wait for it and return the same path (or raise if it failed). An existing export is replaced
     only with `overwrite`."""
-    from retro_jax.retrieval.database import sha256_file
-
     workdir, out = Path(workdir), Path(out)
     error: Exception | None = None
     try:  # checks first, on every process, before anything is read or written
@@ -257,7 +246,7 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
             raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         config = read_workdir_config(workdir)
         cfg = model_config(config)
-        tokenizer = _tokenizer_of(workdir, config)
+        tokenizer, tokenizer_sha256 = _tokenizer_of(workdir, config)
         step = _checkpoint_step(workdir, step)
         _check_destination(out, overwrite)
     except Exception as e:  # noqa: BLE001 - raised by _agree, once the others know
@@ -266,7 +255,7 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: i
     params = _host_params(workdir, cfg, step)
     plain = dataclasses.replace(cfg, scan_layers=False)
     meta = {"format": FORMAT, "version": VERSION, "model": plain.to_dict(), "dtype": dtype, "step": step,
-            "workdir": str(workdir.absolute()), "tokenizer": {"file": TOKENIZER, "sha256": sha256_file(tokenizer)},
+            "workdir": str(workdir.absolute()), "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_sha256},
             "database": _database_identity(config)}
     if jax.process_index() == 0:
         try:

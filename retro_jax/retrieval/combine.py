@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retro_jax.data.chunks import ChunkStore, ChunkWriter
+from retro_jax.data.processes import process_alive
 from retro_jax.data.tokenizer import Tokenizer
 from retro_jax.retrieval import database as dbl
 from retro_jax.retrieval.stages import BuildError, Stage, chunk_settings, diff_settings, read_json
@@ -31,7 +32,7 @@ def take_lock(lock: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             host, _, pid = lock.read_text().rpartition(":")
-            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
                 return False
             log.warning("removing stale %s left by dead process %s", lock, pid)
             lock.unlink(missing_ok=True)
@@ -40,16 +41,6 @@ def take_lock(lock: Path) -> bool:
         os.close(fd)
         return True
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _doc_runs(doc_ids: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:

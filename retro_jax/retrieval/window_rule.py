@@ -26,6 +26,11 @@ import numpy as np
 STATS = ("chunks", "slots", "dropped", "empty")
 
 
+def _check_k(db: Any, k: int) -> None:
+    if not 1 <= k <= db.neighbours_stored:
+        raise ValueError(f"k must be in [1, {db.neighbours_stored}] (neighbours stored), got {k}")
+
+
 def in_window(nb_doc_BxLxS: np.ndarray, window_doc_BxL: np.ndarray) -> np.ndarray:
     """bool [B, L, S]: neighbour document nb_doc[b, l, s] is one of window b's documents.
 
@@ -63,8 +68,7 @@ def window_neighbours(db: Any, split: str, chunk_ids_BxL: np.ndarray, k: int,
     Returns ids int64 [B, L, k] into the train split (-1 = none) and counts over valid chunks:
     chunks, slots (chunks * k), dropped (first-k stored slots whose document is in the window:
     what the model would have been handed without the rule), empty (slots left -1)."""
-    if not 1 <= k <= db.neighbours_stored:
-        raise ValueError(f"k must be in [1, {db.neighbours_stored}] (neighbours stored), got {k}")
+    _check_k(db, k)
     ids = np.asarray(chunk_ids_BxL, np.int64)
     if ids.ndim != 2:
         raise ValueError(f"chunk_ids must be [windows, chunks], got shape {ids.shape}")
@@ -102,8 +106,7 @@ def check_training_windows(db: Any, seq_len: int, k: int, block: int = 1024) -> 
     m = db.chunk_size
     if seq_len <= 0 or seq_len % m:
         raise ValueError(f"seq_len {seq_len} must be a positive multiple of the database's chunk size {m}")
-    if not 1 <= k <= db.neighbours_stored:
-        raise ValueError(f"k must be in [1, {db.neighbours_stored}] (neighbours stored), got {k}")
+    _check_k(db, k)
     L = seq_len // m
     n_seq = db.train.num_chunks // L
     stored = db.neighbours("train")

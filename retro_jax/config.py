@@ -42,6 +42,9 @@ CONFIGS_DIR = _configs_dir()
 WORKDIR_CONFIG = "config.json"
 
 
+ATTENTION_MODES = ("auto", "dense", "blocked", "pallas")  # model/attention_mode.py
+
+
 def default_cca_layers(num_layers: int) -> tuple[int, ...]:
     """RETRO blocks in decoder layers 6, 9, 12, ... (1-indexed), as Table 2's counts imply."""
     return tuple(range(6, num_layers + 1, 3))
@@ -81,6 +84,12 @@ class ModelConfig:
     scan_start: int = 6
     scan_period: int = 3
     remat_policy: str = "none"
+    # Attention (model/attention_mode.py): which computation serves every RelativeAttention, all
+    # of them the same function: auto (the fastest measured per call) | dense (the whole score
+    # matrix) | blocked (pure JAX, block by block, never an N x N tensor) | pallas (the TPU/GPU
+    # kernel). attention_block: the query/key block of blocked and pallas (shrunk to a period).
+    attention: str = "auto"
+    attention_block: int = 128
     # Numerics.
     dtype: str = "float32"  # compute dtype; parameters are always float32
     norm_eps: float = 1e-6
@@ -106,8 +115,19 @@ class ModelConfig:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
         if self.remat_policy not in ("none", "dots", "full"):
             raise ValueError(f"remat_policy must be none, dots or full, got {self.remat_policy!r}")
+        self._check_attention()
         if self.scan_layers:
             self._check_scan()
+
+    def _check_attention(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"model.attention={self.attention!r} is not one of "
+                             f"{', '.join(ATTENTION_MODES)}")
+        blk, r = self.attention_block, self.neighbour_len
+        if self.attention != "dense" and (blk < 1 or (blk < r and r % blk)):
+            raise ValueError(f"model.attention_block={blk} (model.attention={self.attention}) must "
+                             f"divide the neighbour length r = 2 x chunk_size = {r}, or be >= it: "
+                             "a block never straddles two neighbours")
 
     def _check_scan(self) -> None:
         s, p, cca = self.scan_start, self.scan_period, self.cca_layers

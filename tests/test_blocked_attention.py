@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from retro_jax.model.blocked_attention import blocked_relative_attention, distance_span
-from retro_jax.model.layers import RelativeAttention, sinusoids, skew
+from retro_jax.model.layers import sinusoids, skew
+from retro_jax.model.relative_attention import RelativeAttention
 
 H, DH = 2, 8
 TOL = 1e-5
@@ -27,7 +28,7 @@ def _rel_err(got, want) -> float:
 
 def _dense(q, k, v, u, w, r, *, causal=False, key_valid=None, q_offset=0, k_offset=0,
            q_period=None, k_period=None):
-    """layers.RelativeAttention's formula after its projections (r: the distance_span table)."""
+    """RelativeAttention's dense formula after its projections (r: the distance_span table)."""
     b, q_len, _, _ = q.shape
     k_len = k.shape[1]
     qp, kp = q_period or q_len, k_period or k_len
@@ -149,11 +150,10 @@ def _module_pair(causal, q_len, k_len, blocks, **pos):
     params = nn.unbox(mod.init(jax.random.key(0), xq, xkv, None, causal=causal, **pos))
     params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
                           params)  # the biases start at zero: make them count
-    mask = (jnp.tril(jnp.ones((q_len, q_len), bool))[None, None] if causal else
-            _cca_valid()[:, None, None])
+    key_valid = None if causal else _cca_valid()
 
     def dense(params, xq, xkv):
-        return mod.apply(params, xq, xkv, mask, causal=causal, **pos)
+        return mod.apply(params, xq, xkv, key_valid, causal=causal, **pos)
 
     def blocked(params, xq, xkv):
         p = params["params"]

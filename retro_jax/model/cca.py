@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from retro_jax.config import ModelConfig
-from retro_jax.model.layers import RelativeAttention
+from retro_jax.model.relative_attention import RelativeAttention
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -43,13 +43,14 @@ class ChunkedCrossAttention(nn.Module):
         shifted_BxNxD = jnp.pad(h_BxNxD[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))
         q_BLxMxD = shifted_BxNxD.reshape(b * l, m, d)
         kv_BLxKRxE = e_BxLxKxRxE.reshape(b * l, k * r, e_dim)
-        mask = valid_BxLxKxR.reshape(b * l, 1, 1, k * r)
+        valid_BLxKR = valid_BxLxKxR.reshape(b * l, k * r)
         # Query row i at offset m-1+i from chunk u's start; neighbour token j at offset j (the
         # k neighbours are independent blocks of r keys each).
         out_BLxMxD = RelativeAttention(
             cfg.num_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype),
-            max_wavelength=cfg.max_wavelength, zero_init_out=cfg.cca_zero_init, name="attn",
-        )(q_BLxMxD, kv_BLxKRxE, mask, q_offset=m - 1, k_offset=0, k_period=r)
+            max_wavelength=cfg.max_wavelength, zero_init_out=cfg.cca_zero_init,
+            attention=cfg.attention, block=cfg.attention_block, name="attn",
+        )(q_BLxMxD, kv_BLxKRxE, valid_BLxKR, q_offset=m - 1, k_offset=0, k_period=r)
         out_BxNxD = out_BLxMxD.reshape(b, n, d)
         # Shift back: pad m-1 at the front (identity on positions 0..m-2) and cut to N.
         return jnp.pad(out_BxNxD, ((0, 0), (m - 1, 0), (0, 0)))[:, :n]

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from retro_jax.config import ModelConfig
-from retro_jax.model.layers import FeedForward, RelativeAttention, RMSNorm
+from retro_jax.model.layers import FeedForward, RMSNorm
+from retro_jax.model.relative_attention import RelativeAttention
 
 
 class Encoder(nn.Module):
@@ -41,17 +42,18 @@ class Encoder(nn.Module):
                              nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
                          name="embed")
         x = embed(tokens).reshape(b * l * k, r, cfg.enc_d_model)
-        self_mask = valid.reshape(b * l * k, 1, 1, r)
+        valid_BLKxR = valid.reshape(b * l * k, r)
         # The chunk activations every neighbour of that chunk attends to (shared, not copied).
         cond_BLxMxD = RMSNorm(cfg.norm_eps, dt, name="chunk_norm")(h_BxLxMxD).reshape(b * l, m, d)
 
         def attention(name: str) -> RelativeAttention:
             return RelativeAttention(cfg.enc_num_heads, cfg.enc_head_dim, dtype=dt,
-                                     max_wavelength=cfg.max_wavelength, name=name)
+                                     max_wavelength=cfg.max_wavelength, attention=cfg.attention,
+                                     block=cfg.attention_block, name=name)
 
         for i in range(1, cfg.enc_num_layers + 1):
             y = RMSNorm(cfg.norm_eps, dt, name=f"layer_{i}_attn_norm")(x)
-            x = x + attention(f"layer_{i}_attn")(y, y, self_mask)
+            x = x + attention(f"layer_{i}_attn")(y, y, valid_BLKxR)
             if i in cfg.enc_cross_layers:
                 y = RMSNorm(cfg.norm_eps, dt, name=f"layer_{i}_cross_norm")(x)
                 y = y.reshape(b * l, k * r, cfg.enc_d_model)

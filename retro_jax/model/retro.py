@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from retro_jax.config import ModelConfig
 from retro_jax.model.cca import ChunkedCrossAttention
 from retro_jax.model.encoder import Encoder
-from retro_jax.model.layers import FeedForward, RelativeAttention, RMSNorm, param
+from retro_jax.model.layers import FeedForward, RMSNorm, param
+from retro_jax.model.relative_attention import RelativeAttention
 
 
 class DecoderLayer(nn.Module):
@@ -38,7 +39,8 @@ class DecoderLayer(nn.Module):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         self.attn_norm = RMSNorm(cfg.norm_eps, dt)
         self.attn = RelativeAttention(cfg.num_heads, cfg.head_dim, dtype=dt,
-                                      max_wavelength=cfg.max_wavelength)
+                                      max_wavelength=cfg.max_wavelength, attention=cfg.attention,
+                                      block=cfg.attention_block)
         if self.has_cca:
             self.cca_norm = RMSNorm(cfg.norm_eps, dt)
             self.cca = ChunkedCrossAttention(cfg)
@@ -46,11 +48,8 @@ class DecoderLayer(nn.Module):
         self.ffw = FeedForward(cfg.d_ff, dtype=dt)
 
     def self_attention(self, x_BxNxD: jax.Array) -> jax.Array:
-        n = x_BxNxD.shape[1]
-        pos = jnp.arange(n)
-        mask = (pos[:, None] >= pos[None, :])[None, None]
         y = self.attn_norm(x_BxNxD)
-        return x_BxNxD + self.attn(y, y, mask, causal=True)
+        return x_BxNxD + self.attn(y, y, causal=True)
 
     def cross_attention(self, h_BxNxD: jax.Array, e: jax.Array, valid: jax.Array) -> jax.Array:
         return h_BxNxD + self.cca(self.cca_norm(h_BxNxD), e, valid)

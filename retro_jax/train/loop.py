@@ -70,8 +70,9 @@ class TrainingError(RuntimeError):
 
 def _ignored_model_keys(saved: dict[str, Any], now: dict[str, Any]) -> set[str]:
     """Model settings that cannot change a resumed run: the initialisation (params are restored),
-    and the scan layout of a model that is scanned in neither run (a workdir from before it existed)."""
-    ignored = {"cca_zero_init"}
+    the attention's computation (every model.attention mode computes the same function), and the
+    scan layout of a model that is scanned in neither run (a workdir from before it existed)."""
+    ignored = {"cca_zero_init", "attention", "attention_block"}
     if not saved.get("scan_layers") and not now.get("scan_layers"):
         ignored |= {"scan_start", "scan_period"}
     return ignored

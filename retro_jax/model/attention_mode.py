@@ -1,0 +1,81 @@
+"""Which computation serves RelativeAttention's scores: `model.attention` = auto | dense | blocked | pallas.
+
+Every mode computes the same function (exactly, not an approximation), so parameters trained
+with one load, evaluate, export and generate with any other:
+- dense: the [B, H, Q, K] scores in one piece (layers.skew over the whole table);
+- blocked: blocked_attention.py, pure JAX, block by block with an online softmax, masked causal
+  blocks skipped, a recomputing backward: never an [N, N] tensor, forward or backward;
+- pallas: the same schedule as a Pallas kernel, Mosaic on TPU (pallas_attention_tpu.py) or
+  Triton on GPU (pallas_attention_gpu.py). On CPU it runs only in Pallas interpret mode, asked for
+  with RETRO_JAX_PALLAS_INTERPRET=tpu|gpu (which kernel to interpret): for tests, not for speed;
+- auto: per attention call, what was measured fastest on this backend (see `resolve`).
+
+The backend is the platform the program is compiled for: `jax.default_backend()`, or the one a
+caller sets with `compile_for` (retro-jax plan compiles for TPU slices on a CPU host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+import jax
+
+from retro_jax.config import ATTENTION_MODES as MODES
+INTERPRET_ENV = "RETRO_JAX_PALLAS_INTERPRET"
+_PALLAS_PLATFORMS = ("tpu", "gpu")
+# auto on every backend: blocked for causal self-attention of at least this many tokens, dense
+# below it and for the model's small windows (the encoder's 2m x 2m self-attention, CCA's m
+# queries over k x 2m keys, the encoder's k x 2m over m): there the whole score tile is one or two
+# blocks, nothing is skipped, and the dense path's single fused tile beats the loop's overhead.
+# Measured on the 2-core CPU (bench/attention_modes.py); blocked's memory is linear at any length.
+AUTO_BLOCKED_FROM = 512
+
+_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("retro_jax_platform", default=None)
+
+
+@contextlib.contextmanager
+def compile_for(platform: str) -> Iterator[None]:
+    """Within this block, attention is traced for `platform` (cpu, gpu, tpu)."""
+    token = _platform.set(platform)
+    try:
+        yield
+    finally:
+        _platform.reset(token)
+
+
+def platform() -> str:
+    """The platform the attention is being traced for."""
+    return _platform.get() or jax.default_backend()
+
+
+def interpret_kernel() -> str | None:
+    """The kernel (tpu or gpu) RETRO_JAX_PALLAS_INTERPRET asks to run in interpret mode, or None."""
+    value = os.environ.get(INTERPRET_ENV, "").strip().lower()
+    if value and value not in _PALLAS_PLATFORMS:
+        raise ValueError(f"{INTERPRET_ENV}={value!r}: must be tpu or gpu (the Pallas kernel to "
+                         "interpret on this CPU), or unset")
+    return value or None
+
+
+def check(mode: str, block: int, on: str | None = None) -> None:
+    """One-line ValueError when `mode` cannot run on the backend `on` (default: platform())."""
+    on = on or platform()
+    if mode not in MODES:
+        raise ValueError(f"model.attention={mode!r} is not one of {', '.join(MODES)} "
+                         f"(backend {on})")
+    if block < 1:
+        raise ValueError(f"model.attention_block={block} must be >= 1 (mode {mode}, backend {on})")
+    if mode == "pallas" and on not in _PALLAS_PLATFORMS and interpret_kernel() is None:
+        raise ValueError(f"model.attention=pallas cannot run on backend {on}: its kernels are for "
+                         f"tpu and gpu (on a CPU, {INTERPRET_ENV}=tpu|gpu runs one in interpret "
+                         "mode, for tests); use auto, dense or blocked")
+
+
+def resolve(mode: str, *, causal: bool, k_len: int) -> str:
+    """The computation one call uses: dense, blocked or pallas (auto resolved; see AUTO_BLOCKED_FROM)."""
+    if mode != "auto":
+        return mode
+    return "blocked" if causal and k_len >= AUTO_BLOCKED_FROM else "dense"

@@ -16,7 +16,8 @@ from test_blocked_attention import (_avals_with_two_dims_at_least, _cca_valid, _
                                     _M, _R, _rel_err)
 
 from retro_jax.model.blocked_attention import distance_span
-from retro_jax.model.pallas_attention_gpu import _relative_attention, relative_attention_gpu
+from retro_jax.model.attention_mode import compile_for
+from retro_jax.model.pallas_attention_gpu import relative_attention_gpu
 
 TOL = 1e-5
 NAMES = ("out", "q", "k", "v", "u", "v_bias", "r")
@@ -107,7 +108,7 @@ def test_bfloat16_is_as_close_to_float32_as_the_dense_path_is():
 def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering():
     """value_and_grad at N=256 (Dh 64, blocks 64): no array with two dims >= N in its jaxpr
     (kernel bodies included; the dense path's has them), and, lowered for CUDA on this host,
-    three Triton kernels (forward, dK/dV, dQ) whose operands have no such shape either."""
+    four Triton kernels (forward, dK/dV, dQ, d(r)) whose operands have no such shape either."""
     n, h, dh = 256, 2, 64
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(rng.normal(size=(1, n, h, dh)), jnp.float32) for _ in range(3))
@@ -119,18 +120,17 @@ def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering():
                                   argnums=range(6))
 
     args = (q, k, v, u, w, r)
-    interpreted = jax.make_jaxpr(loss(_relative_attention, key_valid_BxK=None, q_offset=0,
-                                      k_offset=0, q_period=None, k_period=None, block_q=64,
-                                      block_k=64, interpret=True))(*args)
+    interpreted = jax.make_jaxpr(loss(relative_attention_gpu, block_q=64, block_k=64,
+                                      interpret=True))(*args)
     assert _avals_with_two_dims_at_least(interpreted, n) == []
     dense_jaxpr = jax.make_jaxpr(jax.value_and_grad(
         lambda *a: jnp.sum(_dense(*a, causal=True)), argnums=range(6)))(*args)
     assert _avals_with_two_dims_at_least(dense_jaxpr, n)
 
-    step = jax.jit(loss(_relative_attention, key_valid_BxK=None, q_offset=0, k_offset=0,
-                        q_period=None, k_period=None, block_q=64, block_k=64, interpret=False))
-    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 3
+    step = jax.jit(loss(relative_attention_gpu, block_q=64, block_k=64))
+    with compile_for("gpu"):  # as retro-jax plan traces for a backend this host lacks
+        text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 4
     text = re.sub(r'ir = "[^"]*"', "", text)  # the kernels' Triton IR (bytecode)
     shapes = [tuple(int(d) for d in s.split("x")) for s in re.findall(r"tensor<([\dx]+)x", text)]
     assert shapes and max(max(s) for s in shapes) >= n

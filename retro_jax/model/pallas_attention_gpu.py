@@ -10,13 +10,16 @@ q_offset + (i mod q_period), k_offset + (j mod k_period).
 How (the kernels are pallas_attention_gpu_kernels.py):
 - a forward kernel per query tile with an online softmax over key tiles, saving the per-row
   logsumexp; key tiles above the causal diagonal are never visited (forward and backward);
-- a custom VJP with two backward kernels, as Pallas's reference GPU flash attention: one per
+- a custom VJP with the backward kernels of Pallas's reference GPU flash attention, one per
   key tile (dK, dV) and one per query tile (d(q + u) and d(q + v), whose sums over rows are
-  d(u) and d(v), and d(r), added atomically per tile band in float32);
+  d(u) and d(v)), and a third for d(r): one program per group of tile pairs whose bands start
+  at the same table row, per head; the groups' float32 partials are overlap-added outside
+  (deterministic: no atomics);
 - per tile pair only the band of Tq + Tk - 1 table rows it spans is multiplied with the query
   tile, and shifted inside the tile through a store and reload of the tile.
 Nothing of size [N, N] exists in HBM: residuals are the inputs, the output and the logsumexp;
-the shift's slabs are [N, Wp] per (batch row, head).
+the shift's slabs are [N, Wp] per (batch row, head), d(r)'s partials [about 2N / Tmin, Wp, Dh]
+per head.
 
 Layout rules: block sizes are powers of two >= 16 (Triton's dot dims); a block larger than
 its length shrinks to the length's next power of two (>= 16); lengths that are not multiples
@@ -36,6 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from retro_jax.model import attention_mode
 from retro_jax.model import pallas_attention_gpu_kernels as kernels
 from retro_jax.model.blocked_attention import distance_span
 
@@ -73,23 +77,14 @@ def relative_attention_gpu(
         interpret: bool = False) -> jax.Array:
     """Attention output [B, Q, H, Dh] (before the output projection), as RelativeAttention.
 
-    interpret=True runs the kernels in Pallas interpret mode (any backend); otherwise a GPU
-    backend is needed."""
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError(f"{_WHO} cannot run on backend {jax.default_backend()!r} outside "
-                         "interpret mode (pass interpret=True)")
-    return _relative_attention(q_BxQxHxDh, k_BxKxHxDh, v_BxKxHxDh, u_HxDh, vbias_HxDh,
-                               r_CxHxDh, r_base=r_base, causal=causal,
-                               key_valid_BxK=key_valid_BxK, q_offset=q_offset,
-                               k_offset=k_offset, q_period=q_period, k_period=k_period,
-                               block_q=block_q, block_k=block_k, interpret=interpret)
-
-
-def _relative_attention(q_BxQxHxDh, k_BxKxHxDh, v_BxKxHxDh, u_HxDh, vbias_HxDh, r_CxHxDh, *,
-                        r_base, causal, key_valid_BxK, q_offset, k_offset, q_period,
-                        k_period, block_q, block_k, interpret):
-    """relative_attention_gpu without the backend check (so it can be lowered for a GPU
-    target on a host without one: `jax.jit(...).trace(...).lower(lowering_platforms=...)`)."""
+    interpret=True runs the kernels in Pallas interpret mode (any backend); otherwise the
+    platform traced for (attention_mode.platform(): the default backend, or the one
+    `attention_mode.compile_for` names, so a CPU host can lower the kernels for a GPU) must be
+    gpu."""
+    on = attention_mode.platform()
+    if not interpret and on != "gpu":
+        raise ValueError(f"{_WHO} cannot run on backend {on!r} outside interpret mode "
+                         "(pass interpret=True)")
     b, q_len, h, dh = q_BxQxHxDh.shape
     k_len = k_BxKxHxDh.shape[1]
     if k_BxKxHxDh.shape != (b, k_len, h, dh) or v_BxKxHxDh.shape != k_BxKxHxDh.shape:
@@ -237,21 +232,51 @@ def _attention_bwd(plan, res, d_out):
         compiler_params=params, interpret=plan.interpret, name="relative_attention_dkdv")(*args)
 
     slab_spec, slab_shape = slab(plan.nq)
-    dr_spec = pl.BlockSpec((None, None, c_pad, dhp), lambda i, j, k: (j, k, 0, 0))
-    dqu, dqw, dr, _ = pl.pallas_call(
+    dqu, dqw, _ = pl.pallas_call(
         functools.partial(kernels.dq_kernel, plan=plan), grid=(plan.nq, b, h),
         in_specs=[tile(plan.block_q), whole(plan.k_len), whole(plan.k_len), head, head, table,
                   pl.BlockSpec((None, plan.k_len), lambda i, j, k: (j, 0)),
-                  tile(plan.block_q), rows(plan.block_q, True), rows(plan.block_q, True),
-                  dr_spec],
-        out_specs=[tile(plan.block_q), tile(plan.block_q), dr_spec, slab_spec],
+                  tile(plan.block_q), rows(plan.block_q, True), rows(plan.block_q, True)],
+        out_specs=[tile(plan.block_q), tile(plan.block_q), slab_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(q.shape, _F32),
-                   jax.ShapeDtypeStruct((b, h, c_pad, dhp), _F32), slab_shape],
-        input_output_aliases={10: 2}, compiler_params=params, interpret=plan.interpret,
-        name="relative_attention_dq")(*args, jnp.zeros((b, h, c_pad, dhp), _F32))
+                   slab_shape],
+        compiler_params=params, interpret=plan.interpret, name="relative_attention_dq")(*args)
     du, dw = dqu.sum(axis=(0, 1)), dqw.sum(axis=(0, 1))  # u, v bias: every row, batch row
     return ((dqu + dqw).astype(q.dtype), dk, dv, du.astype(u.dtype), dw.astype(w.dtype),
-            dr.sum(axis=0).transpose(1, 0, 2).astype(r_pad.dtype), None)
+            _d_table(plan, args, c_pad).astype(r_pad.dtype), None)
+
+
+def _d_table(plan, args, c_pad):
+    """r's cotangent [Cp, H, Dh] float32: one dr_kernel program per (band group, head), then
+    the groups' bands, which start Tmin rows apart, overlap-added."""
+    b, _, h, dhp = args[0].shape
+    d_lo, n_groups = kernels.band_groups(plan)
+    every = lambda *shape: pl.BlockSpec(shape, lambda g, k: (0,) * len(shape))  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec(  # noqa: E731  the head axis squeezed
+        (b, shape[0], None, dhp), lambda g, k: (0, 0, k, 0)) if shape else None
+    rows = pl.BlockSpec((b, None, plan.q_len), lambda g, k: (0, k, 0))
+    head = pl.BlockSpec((None, dhp), lambda g, k: (k, 0))
+    parts, _ = pl.pallas_call(
+        functools.partial(kernels.dr_kernel, plan=plan, batch=b), grid=(n_groups, h),
+        in_specs=[per_head(plan.q_len), per_head(plan.k_len), per_head(plan.k_len), head, head,
+                  pl.BlockSpec((c_pad, None, dhp), lambda g, k: (0, k, 0)),
+                  every(b, plan.k_len), per_head(plan.q_len), rows, rows],
+        out_specs=[pl.BlockSpec((None, None, plan.band, dhp), lambda g, k: (g, k, 0, 0)),
+                   pl.BlockSpec((None, None, plan.block_q, plan.band),
+                                lambda g, k: (g, k, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((n_groups, h, plan.band, dhp), _F32),
+                   jax.ShapeDtypeStruct((n_groups, h, plan.block_q, plan.band), _F32)],
+        compiler_params=_compiler_params(plan), interpret=plan.interpret,
+        name="relative_attention_dr")(*args)
+    tmin = min(plan.block_q, plan.block_k)
+    m = plan.band // tmin  # group g's band: rows start0 + g Tmin .. + m Tmin
+    parts = parts.reshape(n_groups, h, m, tmin, dhp)
+    chunks = sum(jnp.pad(parts[:, :, j], ((j, m - 1 - j), (0, 0), (0, 0), (0, 0)))
+                 for j in range(m))  # [G + m - 1, H, Tmin, Dh]
+    rows_dr = chunks.transpose(0, 2, 1, 3).reshape((n_groups + m - 1) * tmin, h, dhp)
+    start0 = (plan.q_offset - plan.k_offset) + d_lo * tmin - (plan.block_k - 1) \
+        - plan.r_base + plan.pad_front
+    return jnp.pad(rows_dr, ((start0, c_pad - start0 - rows_dr.shape[0]), (0, 0), (0, 0)))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

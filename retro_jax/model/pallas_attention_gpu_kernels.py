@@ -1,8 +1,9 @@
-"""The three Triton kernels of pallas_attention_gpu.py: forward, dK/dV, and dQ (with d(r)).
+"""The four Triton kernels of pallas_attention_gpu.py: forward, dK/dV, dQ and d(r).
 
 One program owns one [Tq, Dh] query tile (forward, dQ) or one [Tk, Dh] key tile (dK/dV) of
 one (batch row, head) and loops over the other side's tiles, as Pallas's reference GPU flash
-attention (jax.experimental.pallas.ops.gpu.attention) does. Per tile pair:
+attention (jax.experimental.pallas.ops.gpu.attention) does; a d(r) program owns one band of
+the table for one head (see dr_kernel). Per tile pair:
   s = (q + u) k^T + skew((q + v) r_band^T),   r_band = the Wp table rows the pair spans
 where Wp is Tq + Tk - 1 rounded up to a power of two (Triton's tensor dims are powers of
 two; the extra rows are multiplied but never read). The Transformer-XL shift inside the
@@ -11,8 +12,9 @@ tile, s_rel[a, b] = pos[a, a - b + Tk - 1], is one store of the tile to this pro
 gathered reload, with a CTA barrier around the store; the backward's reverse shift reads the
 stored dS tile along the same diagonals. Under interpret=True the programs run one after
 another and the barriers are left out.
-d(r) of a tile is dpos^T (q + v) [Wp, Dh]: it is atomically added (float32) into a
-[B, H, Cp, Dh] accumulator at the tile's band rows; the caller sums it over B.
+d(r) of a tile is dpos^T (q + v) [Wp, Dh] at the tile's band rows. No atomics: the tile
+pairs whose bands start at the same row (one "group") are summed by one program, and the
+caller overlap-adds the groups' [Wp, Dh] partials (deterministic, O(N Dh) floats per head).
 """
 
 from __future__ import annotations
@@ -167,31 +169,89 @@ def dkdv_kernel(q_ref, k_ref, v_ref, u_ref, w_ref, r_ref, valid_ref, do_ref, lse
 
 
 def dq_kernel(q_ref, k_ref, v_ref, u_ref, w_ref, r_ref, valid_ref, do_ref, lse_ref, delta_ref,
-              _dr_in_ref, dqu_ref, dqw_ref, dr_ref, slab_ref, *, plan):
-    """One query tile: d(q + u) = sum dS K, d(q + v) = sum dpos r_band, and d(r) += dpos^T (q+v)."""
+              dqu_ref, dqw_ref, slab_ref, *, plan):
+    """One query tile: d(q + u) = sum dS K and d(q + v) = sum dpos r_band over its key tiles."""
     qi, tk = pl.program_id(0), plan.block_k
     qu, qw = _biased(q_ref, u_ref, w_ref)
     do_i, lse_i, delta_i = do_ref[...], lse_ref[...], delta_ref[...]
     dt = qu.dtype
-    qw32 = qw.astype(F32)
 
     def body(kj, carry):
         dqu, dqw = carry
         keys = pl.ds(kj * tk, tk)
         k_j = k_ref[keys, :]
-        s, allowed, r_band, start = _tile(plan, slab_ref, r_ref, qu, qw, k_j, valid_ref[keys],
-                                          qi, kj)
+        s, allowed, r_band, _ = _tile(plan, slab_ref, r_ref, qu, qw, k_j, valid_ref[keys], qi, kj)
         _, ds = _probs_and_ds(s, allowed, lse_i, delta_i, do_i, v_ref[keys, :])
         dqu = dqu + _dot(ds.astype(dt), k_j)
-        dpos = _unskew(plan, slab_ref, ds)  # [Tq, Wp] float32: the band's cotangent
-        dqw = dqw + _dot(dpos.astype(dt), r_band)
-        # r's cotangent stays float32 (in bfloat16 rounding it first doubles its error).
-        dr_band = (_dot(dpos, qw32, trans_a=True) if dt == F32 else
-                   plgpu.dot(dpos, qw32, trans_a=True))
-        plgpu.atomic_add(dr_ref, (pl.ds(start, plan.band), slice(None)), dr_band)
+        dqw = dqw + _dot(_unskew(plan, slab_ref, ds).astype(dt), r_band)
         return dqu, dqw
 
     zeros = jnp.zeros(qu.shape, F32)
     dqu, dqw = jax.lax.fori_loop(0, _k_blocks(plan, qi), body, (zeros, zeros))
     dqu_ref[...] = dqu
     dqw_ref[...] = dqw
+
+
+def band_groups(plan):
+    """(D of group 0, number of groups) for dr_kernel.
+
+    Within a period, local tiles (i, j) start at q0 - k0 = (q_offset - k_offset) + D Tmin with
+    D = i a - j b (Tmin = min(Tq, Tk), a = Tq / Tmin, b = Tk / Tmin: one of a, b is 1), and
+    their band at the table row that D fixes: group g holds the pairs with D = D0 + g, in every
+    period and batch row. Causal: the groups below the diagonal are the ones visited."""
+    tq, tk = plan.block_q, plan.block_k
+    tmin = min(tq, tk)
+    a, b = tq // tmin, tk // tmin
+    d_lo, d_hi = -(plan.k_period // tk - 1) * b, (plan.q_period // tq - 1) * a
+    if plan.causal:  # key tile j is visited by query tile i iff j Tk <= i Tq + Tq - 1
+        d_lo = max(d_lo, 1 - a)
+    return d_lo, d_hi - d_lo + 1
+
+
+def dr_kernel(q_ref, k_ref, v_ref, u_ref, w_ref, r_ref, valid_ref, do_ref, lse_ref, delta_ref,
+              dr_ref, slab_ref, *, plan, batch):
+    """One group, one head: the sum of dpos^T (q + v) over its tile pairs, [Wp, Dh] float32
+    (r's cotangent stays float32: in bfloat16 rounding it first doubles its error)."""
+    tq, tk = plan.block_q, plan.block_k
+    tmin = min(tq, tk)
+    a, b = tq // tmin, tk // tmin
+    nqp, nkp = plan.q_period // tq, plan.k_period // tk  # tiles per period
+    n_qper, n_kper = plan.nq // nqp, plan.nk // nkp  # periods
+    d = pl.program_id(0) + band_groups(plan)[0]
+    big = nqp * a + nkp * b + 1
+
+    def floor_div(x, m):  # floor(x / m) for a static m >= 1 and |x| < big m
+        return x if m == 1 else jax.lax.div(x + m * big, m) - big
+
+    if b == 1:  # Tq >= Tk: query tile i steps, key tile j = i a - D
+        lo = jnp.maximum(0, -floor_div(-d, a))
+        hi = jnp.minimum(nqp - 1, floor_div(nkp - 1 + d, a))
+        pair = lambda t: (lo + t, (lo + t) * a - d)  # noqa: E731
+    else:  # Tq < Tk: key tile j steps, query tile i = D + j b
+        lo = jnp.maximum(0, -floor_div(d, b))
+        hi = jnp.minimum(nkp - 1, floor_div(nqp - 1 - d, b))
+        pair = lambda t: (d + (lo + t) * b, lo + t)  # noqa: E731
+    reps = batch * n_qper * n_kper
+    u, w = u_ref[...][None, :], w_ref[...][None, :]
+
+    def body(n, acc):
+        t, rest = jax.lax.div(n, reps), jax.lax.rem(n, reps)
+        bi, rest = jax.lax.div(rest, n_qper * n_kper), jax.lax.rem(rest, n_qper * n_kper)
+        i, j = pair(t)
+        qi = jax.lax.div(rest, n_kper) * nqp + i
+        kj = jax.lax.rem(rest, n_kper) * nkp + j
+        rows, keys = pl.ds(qi * tq, tq), pl.ds(kj * tk, tk)
+        q_i, k_j = q_ref[bi, rows, :], k_ref[bi, keys, :]
+        qw = q_i + w
+        s, allowed, _, _ = _tile(plan, slab_ref, r_ref, q_i + u, qw, k_j, valid_ref[bi, keys],
+                                 qi, kj)
+        _, ds = _probs_and_ds(s, allowed, lse_ref[bi, rows], delta_ref[bi, rows],
+                              do_ref[bi, rows, :], v_ref[bi, keys, :])
+        dpos = _unskew(plan, slab_ref, ds)
+        qw32 = qw.astype(F32)
+        return acc + (_dot(dpos, qw32, trans_a=True) if q_i.dtype == F32 else
+                      plgpu.dot(dpos, qw32, trans_a=True))
+
+    count = jnp.maximum(hi - lo + 1, 0)
+    acc = jnp.zeros((plan.band, q_ref.shape[-1]), F32)
+    dr_ref[...] = jax.lax.fori_loop(0, count * reps, body, acc)

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from retro_jax.config import ModelConfig, model_config, read_workdir_config
+from retro_jax.config import ATTENTION_MODES, ModelConfig, model_config, read_workdir_config
 from retro_jax.eval import bpb as bpb_lib
 from retro_jax.eval import leakage
 from retro_jax.eval import report as report_lib
@@ -83,11 +83,15 @@ def make_validator(config: ml_collections.ConfigDict, db: Database, split: str =
 
 def evaluate(workdir: str | Path, db_dir: str | Path, split: str = "validation", neighbours: int | None = None,
              baseline: str | Path | None = None, ks: tuple[int, ...] = SWEEP_KS, out_dir: str | Path | None = None,
-             progress: bool = True, write: bool = True, step: int | None = None) -> dict[str, Any]:
+             progress: bool = True, write: bool = True, step: int | None = None,
+             attention: str | None = None) -> dict[str, Any]:
     """Evaluate `workdir` (and `baseline`) on `split` of the database; returns the report dict and,
     with `write`, writes eval_<split>.json and two PNGs into `out_dir` (default: the workdir).
-    step: the workdir's checkpoint to evaluate (default the newest; the baseline's newest always)."""
+    step: the workdir's checkpoint to evaluate (default the newest; the baseline's newest always).
+    attention: model.attention for this evaluation (default: the run's; every mode is the same function)."""
     config = read_workdir_config(workdir)
+    if attention is not None:
+        config.model.attention = attention
     db = Database.open(db_dir)
     cfg = _check(db, config, workdir)
     base_cfg = _check(db, read_workdir_config(baseline), baseline) if baseline is not None else None
@@ -159,7 +163,7 @@ def evaluate(workdir: str | Path, db_dir: str | Path, split: str = "validation",
 
 def _eval(args: argparse.Namespace) -> int:
     report = evaluate(args.workdir, args.db, split=args.split, neighbours=args.neighbours, baseline=args.baseline,
-                      progress=not args.no_progress and not args.json, step=args.step)
+                      progress=not args.no_progress and not args.json, step=args.step, attention=args.attention)
     if args.json:
         print(json.dumps(report))
     else:
@@ -182,6 +186,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--neighbours", type=int, help="neighbours per chunk (default: the model's num_neighbours)")
     e.add_argument("--baseline", metavar="DIR", help="baseline workdir to evaluate side by side")
     e.add_argument("--step", type=int, help="checkpoint step of --workdir to evaluate (default: the newest)")
+    e.add_argument("--attention", choices=ATTENTION_MODES,
+                   help="model.attention for this evaluation (default: the run's; all compute the same function)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from retro_jax.config import ATTENTION_MODES
+
 
 def _export(args: argparse.Namespace) -> int:
     import jax
@@ -16,7 +18,8 @@ def _export(args: argparse.Namespace) -> int:
     from retro_jax.runtime import distributed
 
     distributed.maybe_initialize()  # several processes (a cluster's environment): process 0 writes
-    out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+    out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                 attention=args.attention)
     if jax.process_index() == 0:
         meta = json.loads((out / "config.json").read_text())
         print(f"exported step {meta['step']} of {args.workdir} ({meta['model']['name']}, {meta['dtype']}) to {out}")
@@ -66,6 +69,8 @@ def register(sub: Any) -> None:
                     help="tensor dtype in the file (default float32, as trained)")
     ex.add_argument("--overwrite", action="store_true",
                     help="replace an existing export in EXPORT_DIR (written beside it, then swapped in)")
+    ex.add_argument("--attention", choices=ATTENTION_MODES,
+                    help="model.attention recorded in config.json (default: the run's; all compute the same function)")
     ex.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate text from an exported model, retrieving neighbours live",

@@ -232,19 +232,22 @@ def _agree(error: Exception | None, what: str) -> None:
 
 
 def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], step: int | None = None,
-           dtype: str = "float32", overwrite: bool = False) -> Path:
+           dtype: str = "float32", overwrite: bool = False, attention: str | None = None) -> Path:
     """Write EXPORT_DIR `out` from checkpoint `step` (None: the newest) of a training workdir.
 
     In a multi-process run every process must call it: all check and read the checkpoint (as whole
     host arrays, so no dimension needs to divide the devices), process 0 alone writes, the others
     wait for it and return the same path (or raise if it failed). An existing export is replaced
-    only with `overwrite`."""
+    only with `overwrite`. attention: the model.attention the export records (default: the run's;
+    every mode computes the same function, so it is only the default its users get)."""
     workdir, out = Path(workdir), Path(out)
     error: Exception | None = None
     try:  # checks first, on every process, before anything is read or written
         if dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         config = read_workdir_config(workdir)
+        if attention is not None:
+            config.model.attention = attention
         cfg = model_config(config)
         tokenizer, tokenizer_sha256 = _tokenizer_of(workdir, config)
         step = _checkpoint_step(workdir, step)

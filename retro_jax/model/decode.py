@@ -18,6 +18,10 @@ t, the same function of tokens 0..t (and of the neighbours of the chunks complet
 Parameters are the unrolled layout (model/layout.py converts scanned ones). The code reuses the
 model's modules (RMSNorm, FeedForward, Encoder, the embedding) through `apply` on their
 parameter subtrees; only the attention of a single query against a cache is written here.
+That attention is the same for every `model.attention` mode, and dense on purpose: one query
+row against T cached keys is a [B, H, 1, T] score row, linear in T, so there is no N x N tensor
+for blocks to avoid, and a loop over key blocks would only add steps to a latency-bound call.
+(The encoder it runs uses the model's mode, which for its 2m-token windows resolves to dense.)
 """
 
 from __future__ import annotations

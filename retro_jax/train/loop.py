@@ -43,6 +43,7 @@ import numpy as np
 
 from retro_jax.config import model_config, read_workdir_config, write_workdir_config
 from retro_jax.model import abstract_params
+from retro_jax.model import attention_mode
 from retro_jax.model.count import flops_per_token
 from retro_jax.retrieval.database import MANIFEST, TOKENIZER_FILE, Database
 from retro_jax.retrieval.digest import sha256_file
@@ -161,6 +162,7 @@ def train(config: ml_collections.ConfigDict, db_dir: str, workdir: str, *, init_
     # -- processes, config, database: every check before anything compiles ----------------
     distributed.maybe_initialize(coordinator, num_processes, process_id)
     cfg = model_config(config)
+    attention_mode.check(cfg.attention, cfg.attention_block)  # one line, before anything compiles
     tc = config.train
     if tc.eval_every and validate is None:
         raise ValueError("train.eval_every > 0 needs a validate function (retro_jax.eval.run.make_validator; "

@@ -29,6 +29,7 @@ import ml_collections
 import psutil
 
 from retro_jax.config import model_config
+from retro_jax.model import attention_mode
 from retro_jax.model.count import flops_per_token
 from retro_jax.runtime.mesh import batch_sharding, check_batch, make_mesh
 from retro_jax.runtime.state import abstract_state, state_shardings, with_shardings
@@ -110,6 +111,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     cfg, tc = model_config(config), config.train
     topo = topology(topology_name)
+    platform = topo.devices[0].platform
+    attention_mode.check(cfg.attention, cfg.attention_block, platform)  # one line, before compiling
     mesh = make_mesh(**dict(config.mesh), devices=topo.devices)
     check_batch(tc.batch_size // tc.microbatches, mesh)  # every microbatch splits over data x fsdp
     if tc.seq_len % cfg.chunk_size:
@@ -126,7 +129,8 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
                                                    jnp.int32, sharding=sh)
     step = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule, tc.microbatches)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    with attention_mode.compile_for(platform):  # TPU slices compile here on a CPU host
+        compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.triton import pallas_call_registration as triton_registration
 from test_blocked_attention import (_avals_with_two_dims_at_least, _cca_valid, _dense, _inputs,
                                     _M, _R, _rel_err)
 
@@ -54,20 +55,23 @@ def _check_equal(layout, key_valid, blocks, seed=0):
     return got, lambda *a: _out_and_grads(None, a, ct, compiled)[0], args
 
 
-@pytest.mark.parametrize("n", [64, 40])
-def test_causal_self_attention_equals_dense_and_skips_blocks_above_the_diagonal(n):
-    """Decoder self-attention with 16-blocks at a multiple of the block and not (40: padded to
-    48); batch row 1 has its first 3 keys invalid, so rows 0..2 give 0, as the dense path.
-    Then NaN in the keys and values of the last key block: the output and dq of every earlier
-    query block stay finite and unchanged, so no kernel computed a tile above the diagonal."""
+@pytest.mark.parametrize("n, blocks", [(64, (32, 16)), (40, (16, 32))])
+def test_causal_self_attention_equals_dense_and_skips_blocks_above_the_diagonal(n, blocks):
+    """Decoder self-attention at a multiple of the blocks and not (40: queries padded to 48,
+    keys to 64), with query blocks longer and shorter than key blocks; batch row 1 has its
+    first 3 keys invalid, so rows 0..2 give 0, as the dense path. Then NaN in the keys and
+    values of the last key block: the output and dq of every query block before the one that
+    holds it stay finite and unchanged, so no kernel computed a tile above the diagonal."""
     key_valid = jnp.ones((2, n), bool).at[1, :3].set(False)
-    got, run, (q, k, v, u, w, r) = _check_equal(dict(q_len=n, causal=True), key_valid, (16, 16))
+    got, run, (q, k, v, u, w, r) = _check_equal(dict(q_len=n, causal=True), key_valid, blocks)
     assert np.all(got[0][1, :3] == 0) and np.abs(got[0][1, 3:]).min(axis=-1).max() > 0
-    last = (n - 1) // 16 * 16
+    tq, tk = blocks
+    last = (n - 1) // tk * tk  # the last key block's first row
+    clean = last // tq * tq  # query rows of the blocks before it
     nan_out, nan_dq = run(q, k.at[:, last:].set(jnp.nan), v.at[:, last:].set(jnp.nan), u, w, r)[:2]
-    assert np.isnan(np.asarray(nan_out[:, last:])).any()
-    for clean, poisoned in ((got[0], nan_out), (got[1], nan_dq)):
-        assert np.array_equal(np.asarray(clean[:, :last]), np.asarray(poisoned[:, :last]))
+    assert clean > 0 and np.isnan(np.asarray(nan_out[:, last:])).any()
+    for clean_x, poisoned in ((got[0], nan_out), (got[1], nan_dq)):
+        assert np.array_equal(np.asarray(clean_x[:, :clean]), np.asarray(poisoned[:, :clean]))
 
 
 @pytest.mark.parametrize("case", ["cca", "encoder_self", "encoder_cross"])
@@ -105,10 +109,11 @@ def test_bfloat16_is_as_close_to_float32_as_the_dense_path_is():
         assert _rel_err(g, t) <= 2 * _rel_err(d, t) + 1e-3, (name, _rel_err(g, t))
 
 
-def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering():
+def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering(monkeypatch):
     """value_and_grad at N=256 (Dh 64, blocks 64): no array with two dims >= N in its jaxpr
     (kernel bodies included; the dense path's has them), and, lowered for CUDA on this host,
-    four Triton kernels (forward, dK/dV, dQ, d(r)) whose operands have no such shape either."""
+    four Triton kernels (forward, dK/dV, dQ, d(r)) whose operands have no such shape either;
+    each kernel's Triton module passes the MLIR verifier and holds the shift's CTA barrier."""
     n, h, dh = 256, 2, 64
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(rng.normal(size=(1, n, h, dh)), jnp.float32) for _ in range(3))
@@ -127,10 +132,21 @@ def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering():
         lambda *a: jnp.sum(_dense(*a, causal=True)), argnums=range(6)))(*args)
     assert _avals_with_two_dims_at_least(dense_jaxpr, n)
 
+    modules = []
+    lower_module = triton_registration.lowering.lower_jaxpr_to_triton_module
+
+    def verified(*a, **kw):  # jax's own Triton lowering, each module kept for the checks
+        result = lower_module(*a, **kw)
+        result.module.operation.verify()
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(triton_registration.lowering, "lower_jaxpr_to_triton_module", verified)
     step = jax.jit(loss(relative_attention_gpu, block_q=64, block_k=64))
     with compile_for("gpu"):  # as retro-jax plan traces for a backend this host lacks
         text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 4
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == len(modules) == 4
+    assert all("gpu.barrier" in m and "tt.dot" in m for m in modules)
     text = re.sub(r'ir = "[^"]*"', "", text)  # the kernels' Triton IR (bytecode)
     shapes = [tuple(int(d) for d in s.split("x")) for s in re.findall(r"tensor<([\dx]+)x", text)]
     assert shapes and max(max(s) for s in shapes) >= n

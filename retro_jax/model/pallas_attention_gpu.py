@@ -251,16 +251,16 @@ def _d_table(plan, args, c_pad):
     the groups' bands, which start Tmin rows apart, overlap-added."""
     b, _, h, dhp = args[0].shape
     d_lo, n_groups = kernels.band_groups(plan)
-    every = lambda *shape: pl.BlockSpec(shape, lambda g, k: (0,) * len(shape))  # noqa: E731
-    per_head = lambda *shape: pl.BlockSpec(  # noqa: E731  the head axis squeezed
-        (b, shape[0], None, dhp), lambda g, k: (0, 0, k, 0)) if shape else None
+    per_head = lambda n: pl.BlockSpec(  # noqa: E731  [B, n, H, Dh], the head axis squeezed
+        (b, n, None, dhp), lambda g, k: (0, 0, k, 0))
     rows = pl.BlockSpec((b, None, plan.q_len), lambda g, k: (0, k, 0))
     head = pl.BlockSpec((None, dhp), lambda g, k: (k, 0))
     parts, _ = pl.pallas_call(
         functools.partial(kernels.dr_kernel, plan=plan, batch=b), grid=(n_groups, h),
         in_specs=[per_head(plan.q_len), per_head(plan.k_len), per_head(plan.k_len), head, head,
                   pl.BlockSpec((c_pad, None, dhp), lambda g, k: (0, k, 0)),
-                  every(b, plan.k_len), per_head(plan.q_len), rows, rows],
+                  pl.BlockSpec((b, plan.k_len), lambda g, k: (0, 0)), per_head(plan.q_len),
+                  rows, rows],
         out_specs=[pl.BlockSpec((None, None, plan.band, dhp), lambda g, k: (g, k, 0, 0)),
                    pl.BlockSpec((None, None, plan.block_q, plan.band),
                                 lambda g, k: (g, k, 0, 0))],

@@ -33,14 +33,14 @@ def _out_and_grads(f, args, ct, compiled=None):
     return run(*args), run
 
 
-def _check_equal(layout, key_valid, blocks, seed=0):
+def _check_equal(layout, key_valid, blocks, seed=0, interpret=True):
     b, q_len, k_len = key_valid.shape[0], layout.pop("q_len"), key_valid.shape[1]
     r_base, count = distance_span(q_len, k_len, **layout)
     q, k, v, u, w, r, ct = _inputs(seed, b, q_len, k_len, count)
     common = dict(r_base=r_base, key_valid_BxK=key_valid, block_q=blocks[0], block_k=blocks[1])
 
     def pallas(*a):
-        return relative_attention_gpu(*a, interpret=True, **common, **layout)
+        return relative_attention_gpu(*a, interpret=interpret, **common, **layout)
 
     def dense(*a):
         return _dense(*a, key_valid=key_valid, **layout)
@@ -151,6 +151,26 @@ def test_no_n_by_n_array_in_the_jaxpr_nor_in_the_gpu_lowering(monkeypatch):
     shapes = [tuple(int(d) for d in s.split("x")) for s in re.findall(r"tensor<([\dx]+)x", text)]
     assert shapes and max(max(s) for s in shapes) >= n
     assert [s for s in shapes if sum(d >= n for d in s) >= 2] == []
+
+
+_GPU_CASES = {  # name: (layout, key validity, blocks), at the model's sizes of blocks
+    "causal-256": (dict(q_len=256, causal=True), np.ones((2, 256), bool), (64, 64)),
+    "causal-200": (dict(q_len=200, causal=True), np.ones((2, 200), bool), (64, 32)),
+    "cca": (dict(q_len=64, q_offset=63, k_period=128),
+            np.ones((2, 256), bool) & (np.arange(256) < 200)[None], (64, 64)),
+    "encoder-cross": (dict(q_len=256, q_period=128), np.ones((2, 64), bool), (64, 64)),
+}
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="needs a GPU backend (JAX_PLATFORMS=cuda): runs the compiled kernels")
+@pytest.mark.parametrize("case", sorted(_GPU_CASES))
+def test_on_a_gpu_the_compiled_kernels_equal_dense(case):
+    """The prepared device check: the Triton-compiled kernels (not interpreted) against the
+    dense formula, both in full float32 (no TF32 in the reference either)."""
+    layout, valid, blocks = _GPU_CASES[case]
+    with jax.default_matmul_precision("highest"):
+        _check_equal(dict(layout), jnp.asarray(valid), blocks, interpret=False)
 
 
 @pytest.mark.parametrize("kwargs, words", [

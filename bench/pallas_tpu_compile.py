@@ -2,18 +2,23 @@
 time for real TPU slices and print XLA's memory analysis per device; no TPU is needed, only
 libtpu (the TPU compiler), through jax.experimental.topologies.
 
-    python bench/pallas_tpu_compile.py [--seq 2048] [--heads 8] [--head-dim 128] [--batch-per-chip 1]
+    python bench/pallas_tpu_compile.py [--seq 2048] [--heads 8] [--head-dim 128]
+        [--batch-per-chip 1] [--cases causal,cca] [--dtypes float32,bfloat16]
+        [--chips v5e,v5p,v6e] [--impls pallas,blocked]
 
 Each row: the kernel at decoder causal self-attention (and CCA's shape: 64 queries against
 2 neighbours of 128 keys, offset 63) on a 4-chip slice of v5e, v5p and v6e, the batch split over
-the chips with shard_map (a Pallas call is one kernel per device), float32 and bfloat16. Exits 0
-with one line when libtpu is not installed.
+the chips with shard_map (a Pallas call is one kernel per device), float32 and bfloat16;
+`--impls pallas,blocked` adds the pure-JAX blocked_attention at the same shapes. Exits 0 with one
+line when libtpu is not installed; 1 when a compile failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
+import itertools
 import os
 import sys
 import time
@@ -35,12 +40,15 @@ def _case(name, n, m, heads, dh):
     return dict(lay, r_base=r_base), q_len, k_len, c
 
 
-def _compile(devices, case, dtype, args):
+def _compile(devices, case, dtype, args, impl):
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from retro_jax.model.blocked_attention import blocked_relative_attention
     from retro_jax.model.pallas_attention_tpu import relative_attention_tpu
+
+    attend = relative_attention_tpu if impl == "pallas" else blocked_relative_attention
 
     mesh = Mesh(devices, ("data",))
     kwargs, q_len, k_len, c = _case(case, args.seq, 64, args.heads, args.head_dim)
@@ -49,7 +57,7 @@ def _compile(devices, case, dtype, args):
 
     def local(q, k, v, u, w, r, ct):
         def f(q, k, v, u, w, r):
-            out = relative_attention_tpu(q, k, v, u, w, r, **kwargs)
+            out = attend(q, k, v, u, w, r, **kwargs)
             return jnp.sum(out.astype(jnp.float32) * ct)
         loss, grads = jax.value_and_grad(f, argnums=range(6))(q, k, v, u, w, r)
         # u, v bias and r are shared across the batch: their gradients are summed over it.
@@ -76,6 +84,9 @@ def main() -> int:
     ap.add_argument("--batch-per-chip", type=int, default=1)
     ap.add_argument("--cases", default="causal,cca")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--chips", default="v5e,v5p,v6e")
+    ap.add_argument("--impls", default="pallas",
+                    help="pallas (this kernel), blocked (the pure-JAX blocks, to compare)")
     args = ap.parse_args()
     if importlib.util.find_spec("libtpu") is None:
         print("libtpu is not installed: no TPU compiler here, nothing compiled "
@@ -86,30 +97,32 @@ def main() -> int:
     from jax.experimental import topologies
 
     print(f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}")
-    print("| chip | slice | case | dtype | B x Q x K | compile s | args MiB | temp MiB | out MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| chip | slice | impl | case | dtype | B x Q x K | compile s | args MiB | temp MiB "
+          "| out MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     failed = 0
-    for chip, name in SLICES:
+    for chip, name in [s for s in SLICES if s[0] in args.chips.split(",")]:
         try:
             devices = topologies.get_topology_desc(name, platform="tpu").devices
         except Exception as e:  # noqa: BLE001 - a topology this libtpu does not know
             print(f"| {chip} | {name} | - | - | - | no topology: {str(e).splitlines()[0][:120]} |")
             continue
-        for case in args.cases.split(","):
-            for dt in args.dtypes.split(","):
-                try:
-                    compiled, secs, b, q_len, k_len = _compile(devices, case, jnp.dtype(dt), args)
-                except Exception as e:  # noqa: BLE001 - report the compiler's first line
-                    failed += 1
-                    print(f"| {chip} | {name} | {case} | {dt} | - | FAILED: "
-                          f"{str(e).splitlines()[0][:300]} |")
-                    continue
-                mem = compiled.memory_analysis()
-                mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
-                print(f"| {chip} | {name} ({len(devices)} devices) | {case} | {dt} | "
-                      f"{b} x {q_len} x {k_len} | {secs:.1f} | "
-                      f"{mib(mem.argument_size_in_bytes)} | {mib(mem.temp_size_in_bytes)} | "
-                      f"{mib(mem.output_size_in_bytes)} |", flush=True)
+        for case, dt, impl in itertools.product(args.cases.split(","), args.dtypes.split(","),
+                                            args.impls.split(",")):
+            try:
+                compiled, secs, b, q_len, k_len = _compile(devices, case, jnp.dtype(dt),
+                                                           args, impl)
+            except Exception as e:  # noqa: BLE001 - report the compiler's first line
+                failed += 1
+                print(f"| {chip} | {name} | {impl} | {case} | {dt} | - | FAILED: "
+                      f"{str(e).splitlines()[0][:300]} |")
+                continue
+            mem = compiled.memory_analysis()
+            mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
+            print(f"| {chip} | {name} ({len(devices)} devices) | {impl} | {case} | {dt} | "
+                  f"{b} x {q_len} x {k_len} | {secs:.1f} | "
+                  f"{mib(mem.argument_size_in_bytes)} | {mib(mem.temp_size_in_bytes)} | "
+                  f"{mib(mem.output_size_in_bytes)} |", flush=True)
     return 1 if failed else 0
 
 

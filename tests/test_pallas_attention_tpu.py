@@ -66,7 +66,8 @@ def test_non_causal_masked_attention_equals_dense(case):
     with no valid key, which gives 0), the encoder's self-attention (padded keys) and its
     cross-attention to the chunk (query periods), lengths not multiples of the blocks."""
     if case == "cca":
-        layout, blocks, valid = dict(q_len=_M + 4, q_offset=_M - 1, k_period=_R), (8, 8), _cca_valid()
+        layout, blocks = dict(q_len=_M + 4, q_offset=_M - 1, k_period=_R), (8, 8)
+        valid = _cca_valid()
     elif case == "encoder_self":
         layout, blocks = dict(q_len=20), (8, 8)
         valid = jnp.ones((2, 20), bool).at[0, 13:].set(False).at[1, 17:].set(False)
@@ -111,6 +112,22 @@ def test_causal_step_lists_hold_no_tile_above_the_diagonal():
     assert sorted(tiles) == sorted((b, *t) for b in range(3) for t in below)
 
 
+def test_key_blocks_above_the_causal_diagonal_are_never_read():
+    """NaN in the keys and values of the last key block: every dense row becomes NaN (0 * NaN in
+    probs @ v); the kernel's rows of every earlier query block stay finite and equal the dense
+    output without the NaN, so the tiles above the diagonal were never fetched."""
+    n, t = 64, 16
+    q, k, v, u, w, r, _ = _inputs(2, 1, n, n, n)
+    k_nan, v_nan = k.at[:, n - t:].set(jnp.nan), v.at[:, n - t:].set(jnp.nan)
+    assert np.isnan(np.asarray(_dense(q, k_nan, v_nan, u, w, r, causal=True))).all()
+    run = jax.jit(lambda *a: relative_attention_tpu(*a, r_base=0, causal=True, block_q=t,
+                                                    block_k=t, interpret=True))
+    args = (q, k_nan, v_nan, u, w, r)
+    got = np.asarray(run.lower(*args).compile(compiler_options=_FAST)(*args))
+    assert np.isfinite(got[:, :n - t]).all() and np.isnan(got[:, n - t:]).any()
+    assert _rel_err(got[:, :n - t], _dense(q, k, v, u, w, r, causal=True)[:, :n - t]) <= TOL
+
+
 def test_no_n_by_n_intermediate_forward_or_backward():
     """value_and_grad at N=256, blocks of 32: no value with two dims >= N in its jaxpr, the
     kernels' bodies included (the dense path, traced the same way, has them)."""
@@ -123,7 +140,8 @@ def test_no_n_by_n_intermediate_forward_or_backward():
     pallas = lambda *a: relative_attention_tpu(*a, r_base=0, causal=True, block_q=32,  # noqa: E731
                                                block_k=32, interpret=True)
     args = (q, k, v, u, w, r)
-    assert _avals_with_two_dims_at_least(jax.make_jaxpr(loss(lambda *a: _dense(*a, causal=True)))(*args), n)
+    dense = lambda *a: _dense(*a, causal=True)  # noqa: E731
+    assert _avals_with_two_dims_at_least(jax.make_jaxpr(loss(dense))(*args), n)
     assert _avals_with_two_dims_at_least(jax.make_jaxpr(loss(pallas))(*args), n) == []
 
 

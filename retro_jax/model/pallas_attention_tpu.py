@@ -123,6 +123,9 @@ def make_plan(q_len, k_len, c, r_base, causal, q_offset, k_offset, q_period, k_p
         raise ValueError(f"{_WHO}: r covers distances {r_base}..{r_base + c - 1} but these "
                          f"positions need {lo}..{lo + n_dist - 1}")
     nq, nk = -(-q_len // tq), -(-k_len // tk)
+    if max(nq, nk) >= 2**14:  # a step word holds qi and kj in 14 bits each
+        raise ValueError(f"{_WHO}: {max(nq, nk)} blocks per length is over 16383: use larger "
+                         f"blocks than ({block_q}, {block_k})")
     wd = _round_up(tq + tk - 1, 128)
     plan = _Plan(tq, tk, nq, nk, wd, 0, 0, 8, int(q_offset), int(k_offset), qp, kp, bool(causal),
                  int(r_base), interpret)
@@ -193,6 +196,7 @@ def _attention(plan, q, k, v, u, w, ro, valid):
 
 def _attention_fwd(plan, q, k, v, u, w, ro, valid):
     out, lse = kern.forward(plan, _steps(plan, "q"), q, k, v, u, w, jnp.flip(ro, 1), valid)
+    lse = lse.reshape(lse.shape[0], lse.shape[1], 1, -1)  # saved lane-dense: [B, H, 1, Qp]
     return out, (q, k, v, u, w, ro, valid, out, lse)
 
 
@@ -201,17 +205,17 @@ def _attention_bwd(plan, res, d_out):
     dt = q.dtype
     rr = jnp.flip(ro, 1)
     do = d_out.astype(dt)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)[:, :, None]  # [B, H, 1, Qp]
     common = (q, k, v, u, w, rr, valid, do, lse, delta)
-    dqu, dqw = bwd.dq(plan, _steps(plan, "q"), *common, ro)
+    dq, du, dw = bwd.dq(plan, _steps(plan, "q"), *common, ro)
     dk, dv = bwd.dkv(plan, _steps(plan, "k"), *common)
     words, batch, group, starts = _steps(plan, "r", q.shape[0])
     part = bwd.dr_windows(plan, words, batch, group, len(starts), *common)
     rows = jnp.asarray(starts[:, None] + np.arange(plan.window))  # starts hold pad_front
     d_ro = jnp.zeros(ro.shape, _F32).at[:, rows].add(part)
-    du, dw = dqu.sum(axis=(0, 2))[:, None], dqw.sum(axis=(0, 2))[:, None]
-    return ((dqu + dqw).astype(dt), dk.astype(dt), dv.astype(dt), du.astype(u.dtype),
-            dw.astype(w.dtype), d_ro.astype(ro.dtype), jnp.zeros_like(valid))
+    du, dw = du.sum(axis=(0, 2)), dw.sum(axis=(0, 2))  # [H, 1, Dh]
+    return (dq, dk, dv, du.astype(u.dtype), dw.astype(w.dtype), d_ro.astype(ro.dtype),
+            jnp.zeros_like(valid))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -21,15 +21,15 @@ from jax.experimental.pallas import tpu as pltpu
 
 from retro_jax.model.pallas_attention_tpu_kernels import (
     _F32, _FIRST, _LAST, _LIVE, _NN, _NT, _TN, _bias_spec, _flag, _params, _rows, _scores,
-    _stat_spec, _table_spec, _unpack, _valid_spec, _window_cotangent)
+    _stat_spec, _table_spec, _unpack, _valid_spec, _window_cotangent, column)
 
 
 def _probs_and_ds(plan, word, refs):
     q_ref, k_ref, v_ref, u_ref, w_ref, rr_ref, valid_ref, do_ref, lse_ref, delta_ref = refs
     s, allowed, qu, qw = _scores(plan, word, q_ref, k_ref, u_ref, w_ref, rr_ref, valid_ref)
-    p = jnp.where(allowed, jnp.exp(s - lse_ref[...]), 0.0)
+    p = jnp.where(allowed, jnp.exp(s - column(lse_ref)), 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
-    return p, p * (dp - delta_ref[...]), qu, qw
+    return p, p * (dp - column(delta_ref)), qu, qw
 
 
 def _zero_on_first(word, *refs):
@@ -40,30 +40,41 @@ def _zero_on_first(word, *refs):
 
 
 def _dq_kernel(plan, steps, *refs):
-    *ins, ro_ref, dqu_ref, dqw_ref = refs
+    *ins, ro_ref, dq_ref, du_ref, dw_ref, dqu_acc, dqw_acc = refs
     word = steps[pl.program_id(2)]
-    _zero_on_first(word, dqu_ref, dqw_ref)
+    _zero_on_first(word, dqu_acc, dqw_acc)
     _, ds, _, _ = _probs_and_ds(plan, word, ins)
     dt = ins[0].dtype
-    dqu_ref[...] += jax.lax.dot_general(ds.astype(dt), ins[1][...], _NN,
+    dqu_acc[...] += jax.lax.dot_general(ds.astype(dt), ins[1][...], _NN,
                                         preferred_element_type=_F32)
     dpos = _window_cotangent(plan, ds)
-    dqw_ref[...] += jax.lax.dot_general(dpos.astype(dt), ro_ref[...], _NN,
+    dqw_acc[...] += jax.lax.dot_general(dpos.astype(dt), ro_ref[...], _NN,
                                         preferred_element_type=_F32)
+
+    @pl.when(_flag(word, _LAST))
+    def _():  # dq = d(q + u) + d(q + vbias); u and vbias get every row's sum (f32)
+        dq_ref[...] = (dqu_acc[...] + dqw_acc[...]).astype(dq_ref.dtype)
+        du_ref[...] = dqu_acc[...].sum(axis=0, keepdims=True)
+        dw_ref[...] = dqw_acc[...].sum(axis=0, keepdims=True)
 
 
 def _dkv_kernel(plan, steps, *refs):
-    *ins, dk_ref, dv_ref = refs
+    *ins, dk_ref, dv_ref, dk_acc, dv_acc = refs
     word = steps[pl.program_id(2)]
-    _zero_on_first(word, dk_ref, dv_ref)
+    _zero_on_first(word, dk_acc, dv_acc)
 
     @pl.when(_flag(word, _LIVE))
     def _():
         p, ds, qu, _ = _probs_and_ds(plan, word, ins)
         dt = ins[0].dtype
-        dv_ref[...] += jax.lax.dot_general(p.astype(dt), ins[7][...], _TN,
+        dv_acc[...] += jax.lax.dot_general(p.astype(dt), ins[7][...], _TN,
                                            preferred_element_type=_F32)
-        dk_ref[...] += jax.lax.dot_general(ds.astype(dt), qu, _TN, preferred_element_type=_F32)
+        dk_acc[...] += jax.lax.dot_general(ds.astype(dt), qu, _TN, preferred_element_type=_F32)
+
+    @pl.when(_flag(word, _LAST))
+    def _():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 def _dr_kernel(plan, steps, *refs):
@@ -84,14 +95,20 @@ def _in_specs(plan, dh):
 
 
 def dq(plan, steps, q, k, v, u, w, rr, valid, do, lse, delta, ro):
+    """(dq [B, H, Qp, Dh] in q's dtype, per-block row sums of d(q + u) and d(q + vbias)
+    [B, H, nq, 1, Dh] f32)."""
     b, h, _, dh = q.shape
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, h, len(steps)),
         in_specs=_in_specs(plan, dh) + [_table_spec(plan, dh, False)],
-        out_specs=[_rows(plan, 0, plan.block_q, dh)] * 2)
+        out_specs=[_rows(plan, 0, plan.block_q, dh)] + [pl.BlockSpec(
+            (None, None, None, 1, dh),
+            lambda b, h, s, steps: (b, h, _unpack(steps[s])[0], 0, 0))] * 2,
+        scratch_shapes=[pltpu.VMEM((plan.block_q, dh), _F32)] * 2)
     return pl.pallas_call(
         functools.partial(_dq_kernel, plan), grid_spec=spec, name="relative_attention_dq",
-        out_shape=[jax.ShapeDtypeStruct(q.shape, _F32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        + [jax.ShapeDtypeStruct((b, h, plan.n_q, 1, dh), _F32)] * 2,
         **_params(plan, 2))(jnp.asarray(steps), q, k, v, u, w, rr, valid, do, lse, delta, ro)
 
 
@@ -99,10 +116,11 @@ def dkv(plan, steps, q, k, v, u, w, rr, valid, do, lse, delta):
     b, h, _, dh = q.shape
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, h, len(steps)), in_specs=_in_specs(plan, dh),
-        out_specs=[_rows(plan, 1, plan.block_k, dh)] * 2)
+        out_specs=[_rows(plan, 1, plan.block_k, dh)] * 2,
+        scratch_shapes=[pltpu.VMEM((plan.block_k, dh), _F32)] * 2)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, plan), grid_spec=spec, name="relative_attention_dkv",
-        out_shape=[jax.ShapeDtypeStruct(k.shape, _F32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         **_params(plan, 2))(jnp.asarray(steps), q, k, v, u, w, rr, valid, do, lse, delta)
 
 

@@ -1,9 +1,10 @@
 """The Pallas TPU (Mosaic) kernels behind pallas_attention_tpu.relative_attention_tpu.
 
 Layout inside the kernels: q, k, v, dO as [B, H, L, Dh] (L padded to whole blocks), u and the
-v bias as [H, 1, Dh], the relative table in two copies [H, Cp, Dh]: in distance order (`ro`)
-and reversed (`rr`), so that both the skew and its transpose are strided rolls with a stride
-of +1 (Mosaic takes no stride of -1 and no lax.rev).
+v bias as [H, 1, Dh], per-row statistics lane-dense [B, H, 1, Qp], the relative table in two
+copies [H, Cp, Dh]: in distance order (`ro`) and reversed (`rr`). Mosaic takes no roll stride
+of -1 and no lax.rev: the skew is a stride +1 roll against `rr`; its transpose is a column flip
+(an anti-identity matmul) and a stride +1 roll, against `ro`.
 
 Each kernel walks a static list of tiles (query block qi, key block kj) given as one packed
 int32 word per step through scalar prefetch: only the tiles a causal mask lets through are in
@@ -11,8 +12,8 @@ the list, so blocks above the diagonal are neither fetched nor computed. A step'
 qi, kj and flags: `first`/`last` of its run (where the resident output block starts and ends)
 and `live` (0 only for a key block no query reaches: its gradient block is written as zeros).
 
-Per tile (Tq queries against Tk keys) only the window of Wd >= Tq + Tk - 1 table rows the tile
-spans is fetched (pl.Element rows, start computed from qi and kj in the index map):
+Per tile (Tq queries against Tk keys) only the window of the Tq + Tk - 1 table rows the tile
+spans (Wd: rounded up to whole 128-lane vregs) is fetched (pl.Element rows, start computed from qi and kj in the index map):
   pos_rev = (q + vbias) rr_win^T                    [Tq, Wd]
   s       = (q + u) k^T + roll(pos_rev, Tk, stride +1 along rows)[:, :Tk]
 (row a rolled by Tk + a puts table row a - b + Tk - 1 of the window under key b). The backward
@@ -76,8 +77,15 @@ def _rows(plan, which, tile, dh):
 
 
 def _stat_spec(plan):
-    return pl.BlockSpec((None, None, plan.block_q, 1),
-                        lambda b, h, s, steps: (b, h, _unpack(steps[s])[0], 0))
+    """Per-row statistics saved for the backward, lane-dense [B, H, 1, Qp] (a [Qp, 1] column
+    would take 128 lanes per row in HBM)."""
+    return pl.BlockSpec((None, None, 1, plan.block_q),
+                        lambda b, h, s, steps: (b, h, 0, _unpack(steps[s])[0]))
+
+
+def column(ref):
+    """A [1, Tq] row block as the [Tq, 1] column that broadcasts against [Tq, Tk] tiles."""
+    return jnp.expand_dims(ref[0], -1)
 
 
 def _bias_spec(dh):
@@ -159,7 +167,7 @@ def _fwd_kernel(plan, steps, q_ref, k_ref, v_ref, u_ref, w_ref, rr_ref, valid_re
 
 
 def forward(plan, steps, q, k, v, u, w, rr, valid):
-    """(out [B, H, Qp, Dh] in q's dtype, lse [B, H, Qp, 1] f32)."""
+    """(out [B, H, Qp, Dh] in q's dtype, lse [B, H, Qp, 1] f32: the wrapper saves it as a row)."""
     b, h, qp_len, dh = q.shape
     tq = plan.block_q
     spec = pltpu.PrefetchScalarGridSpec(
@@ -167,7 +175,8 @@ def forward(plan, steps, q, k, v, u, w, rr, valid):
         in_specs=[_rows(plan, 0, tq, dh), _rows(plan, 1, plan.block_k, dh),
                   _rows(plan, 1, plan.block_k, dh), _bias_spec(dh), _bias_spec(dh),
                   _table_spec(plan, dh, True), _valid_spec(plan)],
-        out_specs=[_rows(plan, 0, tq, dh), _stat_spec(plan)],
+        out_specs=[_rows(plan, 0, tq, dh), pl.BlockSpec(
+            (None, None, tq, 1), lambda b, h, s, steps: (b, h, _unpack(steps[s])[0], 0))],
         scratch_shapes=[pltpu.VMEM((tq, 1), _F32), pltpu.VMEM((tq, 1), _F32),
                         pltpu.VMEM((tq, dh), _F32)])
     return pl.pallas_call(

@@ -195,3 +195,33 @@ def test_the_mode_is_recorded_and_every_mode_has_the_same_parameters():
     shapes = {m: jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(_cfg(attention=m)))
               for m in ("dense", "blocked", "auto")}
     assert shapes["dense"] == shapes["blocked"] == shapes["auto"]  # and equal logits: the test above
+
+
+def test_a_pallas_kernel_under_a_mesh_runs_per_device_and_equals_dense(monkeypatch):
+    """Under a 2 (data) x 2 (tensor) mesh the kernel runs in shard_map on each device's rows and
+    heads; the output and the gradients of every parameter (u, v and the table's W_R summed over
+    the batch shards) equal the dense module's."""
+    import flax.linen as nn
+
+    from retro_jax.model.relative_attention import RelativeAttention
+    from retro_jax.runtime.mesh import LOGICAL_AXIS_RULES, make_mesh
+
+    monkeypatch.setenv(attention_mode.INTERPRET_ENV, "gpu")
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(4, 64, 32)), jnp.float32)
+    valid = jnp.asarray(rng.random((4, 64)) > 0.2)
+    params = nn.unbox(RelativeAttention(2, 16).init(jax.random.key(0), x, x, valid))
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+    def grad(mode):
+        mod = RelativeAttention(2, 16, attention=mode, block=16)
+        f = lambda p, x: jnp.sum(jnp.sin(mod.apply(p, x, x, valid, causal=True)))  # noqa: E731
+        return jax.value_and_grad(f, argnums=(0, 1))
+
+    want = jax.jit(grad("dense"))(params, x)
+    mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        assert "shard_map" in str(jax.make_jaxpr(grad("pallas"))(params, x))
+        got = jax.jit(grad("pallas"))(params, x)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert _rel_err(g, w) <= TOL, (jax.tree_util.keystr(path), _rel_err(g, w))

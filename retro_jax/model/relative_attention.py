@@ -15,6 +15,8 @@ version (blocked_attention.py) or a Pallas kernel; all compute the same function
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,30 @@ def _pallas(platform: str):
     else:
         from retro_jax.model.pallas_attention_gpu import relative_attention_gpu as fn
     return fn, interpret
+
+
+def _per_device(kernel, q, k, v, u, w, r, *, key_valid_BxK):
+    """A Pallas kernel is one program per device, which XLA's partitioner cannot split: under a
+    mesh it runs in shard_map over the batch (data x fsdp) and head (tensor) axes, each device on
+    its own rows and heads. The gradients of u, v and r, replicated over the batch axes, are
+    summed over them by shard_map's transpose."""
+    b = q.shape[0]
+    if key_valid_BxK is None:
+        key_valid_BxK = jnp.ones((b, k.shape[1]), bool)
+    key_valid_BxK = jnp.broadcast_to(key_valid_BxK.astype(bool), (b, k.shape[1]))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, u, w, r, key_valid_BxK=key_valid_BxK)
+    rows = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+    heads = nn.logical_to_mesh_axes(("heads", None))
+    table = nn.logical_to_mesh_axes((None, "heads", None))
+    valid = nn.logical_to_mesh_axes(("batch", None))
+
+    def local(q, k, v, u, w, r, valid):
+        return kernel(q, k, v, u, w, r, key_valid_BxK=valid)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, heads, heads, table, valid),
+                         out_specs=rows, check_vma=False)(q, k, v, u, w, r, key_valid_BxK)
 
 
 class RelativeAttention(nn.Module):
@@ -133,12 +159,13 @@ class RelativeAttention(nn.Module):
         else:
             # A block never straddles two periods (the k neighbours in CCA, the encoder's
             # neighbours in its cross-attention): it shrinks to the period when longer.
-            layout = dict(r_base=r_base, causal=causal, key_valid_BxK=key_valid_BxK,
+            layout = dict(r_base=r_base, causal=causal,
                           q_offset=q_offset, k_offset=k_offset, q_period=qp, k_period=kp,
                           block_q=min(self.block, qp), block_k=min(self.block, kp))
             if how == "blocked":
-                out = blocked_relative_attention(*args, **layout)
+                out = blocked_relative_attention(*args, **layout, key_valid_BxK=key_valid_BxK)
             else:
                 fn, interpret = _pallas(on)
-                out = fn(*args, **layout, interpret=interpret)
+                out = _per_device(functools.partial(fn, **layout, interpret=interpret), *args,
+                                  key_valid_BxK=key_valid_BxK)
         return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dt))

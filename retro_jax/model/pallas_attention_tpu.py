@@ -35,6 +35,8 @@ from retro_jax.model.blocked_attention import distance_span
 
 _F32 = jnp.float32
 _WHO = 'attention mode "pallas" (TPU kernel)'
+# The d r kernel's step list (two int32 words a tile) and Mosaic's own scalars share 1 MiB SMEM.
+_SMEM_STEP_BYTES = 900 * 1024
 
 
 class _Plan(NamedTuple):
@@ -48,6 +50,7 @@ class _Plan(NamedTuple):
     table_rows: int  # Cp: rows of the padded table
     pad_front: int  # r's row 0 sits at row pad_front of the padded table
     align: int  # every window starts at a multiple of this many rows (Mosaic's sublane tile)
+    row_stats: bool  # logsumexp and delta saved as rows [B, H, 1, Qp], not columns [.., Qp, 1]
     q_offset: int
     k_offset: int
     q_period: int
@@ -127,9 +130,13 @@ def make_plan(q_len, k_len, c, r_base, causal, q_offset, k_offset, q_period, k_p
         raise ValueError(f"{_WHO}: {max(nq, nk)} blocks per length is over 16383: use larger "
                          f"blocks than ({block_q}, {block_k})")
     wd = _round_up(tq + tk - 1, 128)
-    plan = _Plan(tq, tk, nq, nk, wd, 0, 0, 8, int(q_offset), int(k_offset), qp, kp, bool(causal),
-                 int(r_base), interpret)
+    plan = _Plan(tq, tk, nq, nk, wd, 0, 0, 8, tq % 128 == 0 or nq == 1, int(q_offset),
+                 int(k_offset), qp, kp, bool(causal), int(r_base), interpret)
     starts = _all_starts(plan)
+    if 2 * 4 * len(starts) > _SMEM_STEP_BYTES:
+        raise ValueError(f"{_WHO}: {len(starts)} tiles of ({tq}, {tk}) need "
+                         f"{8 * len(starts) / 2**20:.2f} MiB of step lists in SMEM (1 MiB): use "
+                         f"larger blocks than ({block_q}, {block_k})")
     # Window starts (and so the reversed table's) fall on whole sublane tiles: 16 rows (packed
     # bfloat16) where both blocks allow it, else 8.
     align = 16 if math.gcd(tq, tk) % 16 == 0 else 8
@@ -151,8 +158,7 @@ def _visible(plan: _Plan, qi: int, kj: int) -> bool:
 
 def _all_starts(plan: _Plan) -> np.ndarray:
     """Window starts (pad_front not yet added) of every visible tile."""
-    return np.array([kern.window_start(plan, qi, kj) for qi in range(plan.n_q)
-                     for kj in range(plan.n_k) if _visible(plan, qi, kj)], np.int64)
+    return np.array([kern.window_start(plan, qi, kj) for qi, kj in _tiles(plan)], np.int64)
 
 
 def _runs(keys: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +170,10 @@ def _runs(keys: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _steps(plan: _Plan, kind: str, batch: int = 1):
-    """The static step list of a kernel: 'q' (grouped by query block: forward, dq), 'k'
-    (by key block: dk/dv) or 'r' (every batch row's tiles by window start: d r)."""
-    tiles = [(qi, kj) for qi in range(plan.n_q) for kj in range(plan.n_k)
-             if _visible(plan, qi, kj)]
+def _steps(plan: _Plan, kind: str):
+    """The static step list of a kernel: 'q' (grouped by query block: forward, dq), 'k' (by key
+    block: dk/dv) or 'r' (by window start: d r; with each step's window group and the starts)."""
+    tiles = _tiles(plan)
     if kind == "q":
         keys = [(qi, qi, kj, 1) for qi, kj in tiles]
     elif kind == "k":
@@ -177,16 +182,21 @@ def _steps(plan: _Plan, kind: str, batch: int = 1):
             qis = [qi for qi, k in tiles if k == kj]
             keys += [(kj, qi, kj, 1) for qi in qis] or [(kj, 0, kj, 0)]
     else:
-        keys = sorted((kern.window_start(plan, qi, kj), bb, qi, kj, 1)
-                      for bb in range(batch) for qi, kj in tiles)
+        keys = sorted((kern.window_start(plan, qi, kj), qi, kj, 1) for qi, kj in tiles)
         starts = sorted({k[0] for k in keys})
-        group = np.array([starts.index(k[0]) for k in keys], np.int32)
+        rank = {x: i for i, x in enumerate(starts)}
+        group = np.array([rank[k[0]] for k in keys], np.int32)
         first, last = _runs(keys)
-        words = kern.pack_steps([k[2] for k in keys], [k[3] for k in keys], first, last, 1)
-        return words, np.array([k[1] for k in keys], np.int32), group, np.array(starts)
+        words = kern.pack_steps([k[1] for k in keys], [k[2] for k in keys], first, last, 1)
+        return words, group, np.array(starts)
     first, last = _runs(keys)
     return kern.pack_steps([k[1] for k in keys], [k[2] for k in keys], first, last,
                            [k[3] for k in keys])
+
+
+def _tiles(plan: _Plan) -> list[tuple[int, int]]:
+    return [(qi, kj) for qi in range(plan.n_q) for kj in range(plan.n_k)
+            if _visible(plan, qi, kj)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -196,7 +206,8 @@ def _attention(plan, q, k, v, u, w, ro, valid):
 
 def _attention_fwd(plan, q, k, v, u, w, ro, valid):
     out, lse = kern.forward(plan, _steps(plan, "q"), q, k, v, u, w, jnp.flip(ro, 1), valid)
-    lse = lse.reshape(lse.shape[0], lse.shape[1], 1, -1)  # saved lane-dense: [B, H, 1, Qp]
+    if plan.row_stats:  # saved lane-dense: [B, H, 1, Qp]
+        lse = lse.reshape(lse.shape[0], lse.shape[1], 1, -1)
     return out, (q, k, v, u, w, ro, valid, out, lse)
 
 
@@ -205,12 +216,13 @@ def _attention_bwd(plan, res, d_out):
     dt = q.dtype
     rr = jnp.flip(ro, 1)
     do = d_out.astype(dt)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)[:, :, None]  # [B, H, 1, Qp]
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)
+    delta = delta[:, :, None] if plan.row_stats else delta[..., None]  # as lse
     common = (q, k, v, u, w, rr, valid, do, lse, delta)
     dq, du, dw = bwd.dq(plan, _steps(plan, "q"), *common, ro)
     dk, dv = bwd.dkv(plan, _steps(plan, "k"), *common)
-    words, batch, group, starts = _steps(plan, "r", q.shape[0])
-    part = bwd.dr_windows(plan, words, batch, group, len(starts), *common)
+    words, group, starts = _steps(plan, "r")
+    part = bwd.dr_windows(plan, words, group, len(starts), *common)
     rows = jnp.asarray(starts[:, None] + np.arange(plan.window))  # starts hold pad_front
     d_ro = jnp.zeros(ro.shape, _F32).at[:, rows].add(part)
     du, dw = du.sum(axis=(0, 2)), dw.sum(axis=(0, 2))  # [H, 1, Dh]

@@ -27,9 +27,9 @@ from retro_jax.model.pallas_attention_tpu_kernels import (
 def _probs_and_ds(plan, word, refs):
     q_ref, k_ref, v_ref, u_ref, w_ref, rr_ref, valid_ref, do_ref, lse_ref, delta_ref = refs
     s, allowed, qu, qw = _scores(plan, word, q_ref, k_ref, u_ref, w_ref, rr_ref, valid_ref)
-    p = jnp.where(allowed, jnp.exp(s - column(lse_ref)), 0.0)
+    p = jnp.where(allowed, jnp.exp(s - column(plan, lse_ref)), 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
-    return p, p * (dp - column(delta_ref)), qu, qw
+    return p, p * (dp - column(plan, delta_ref)), qu, qw
 
 
 def _zero_on_first(word, *refs):
@@ -78,9 +78,15 @@ def _dkv_kernel(plan, steps, *refs):
 
 
 def _dr_kernel(plan, steps, *refs):
+    """Grid (H, steps, B): the batch rows of a tile are the innermost loop, so each window
+    group's steps stay consecutive and its output block resident."""
     *ins, dr_ref = refs
     word = steps[pl.program_id(1)]
-    _zero_on_first(word, dr_ref)
+
+    @pl.when(_flag(word, _FIRST) & (pl.program_id(2) == 0))
+    def _():
+        dr_ref[...] = jnp.zeros(dr_ref.shape, dr_ref.dtype)
+
     _, ds, _, qw = _probs_and_ds(plan, word, ins)
     # r's gradient sums over every query row: its cotangent stays float32 (as blocked_attention).
     dr_ref[...] += jax.lax.dot_general(_window_cotangent(plan, ds), qw.astype(_F32), _TN,
@@ -124,27 +130,31 @@ def dkv(plan, steps, q, k, v, u, w, rr, valid, do, lse, delta):
         **_params(plan, 2))(jnp.asarray(steps), q, k, v, u, w, rr, valid, do, lse, delta)
 
 
-def dr_windows(plan, steps, batch, groups, n_groups, q, k, v, u, w, rr, valid, do, lse, delta):
-    """Per-window partials of d r [H, G, Wd, Dh] f32; step s adds tile (qi, kj) of batch row
-    batch[s] into window group groups[s] (the steps of one group are consecutive)."""
-    h, dh = q.shape[1], q.shape[3]
+def dr_windows(plan, steps, groups, n_groups, q, k, v, u, w, rr, valid, do, lse, delta):
+    """Per-window partials of d r [H, G, Wd, Dh] f32: step s adds tile (qi, kj) of every batch
+    row into window group groups[s] (the steps of one group are consecutive). The step list
+    does not grow with the batch (scalar prefetch lives in SMEM, 1 MiB)."""
+    b, h, _, dh = q.shape
 
     def lift(spec):
-        def index(hh, s, steps_ref, batch_ref, groups_ref):
-            return spec.index_map(batch_ref[s], hh, s, steps_ref)
+        def index(hh, s, bb, steps_ref, groups_ref):
+            return spec.index_map(bb, hh, s, steps_ref)
         return pl.BlockSpec(spec.block_shape, index)
 
     out = pl.BlockSpec((None, None, plan.window, dh),
-                       lambda hh, s, steps_ref, batch_ref, groups_ref: (hh, groups_ref[s], 0, 0))
+                       lambda hh, s, bb, steps_ref, groups_ref: (hh, groups_ref[s], 0, 0))
     spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(h, len(steps)),
+        num_scalar_prefetch=2, grid=(h, len(steps), b),
         in_specs=[lift(x) for x in _in_specs(plan, dh)], out_specs=out)
 
-    def kernel(steps_ref, batch_ref, groups_ref, *refs):
+    def kernel(steps_ref, groups_ref, *refs):
         _dr_kernel(plan, steps_ref, *refs)
 
+    params = _params(plan, 1)
+    params["compiler_params"] = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary"))
     return pl.pallas_call(
         kernel, grid_spec=spec, name="relative_attention_dr",
         out_shape=jax.ShapeDtypeStruct((h, n_groups, plan.window, dh), _F32),
-        **_params(plan, 1))(jnp.asarray(steps), jnp.asarray(batch), jnp.asarray(groups),
-                            q, k, v, u, w, rr, valid, do, lse, delta)
+        **params)(jnp.asarray(steps), jnp.asarray(groups), q, k, v, u, w, rr, valid, do, lse,
+                  delta)

@@ -77,15 +77,18 @@ def _rows(plan, which, tile, dh):
 
 
 def _stat_spec(plan):
-    """Per-row statistics saved for the backward, lane-dense [B, H, 1, Qp] (a [Qp, 1] column
-    would take 128 lanes per row in HBM)."""
-    return pl.BlockSpec((None, None, 1, plan.block_q),
-                        lambda b, h, s, steps: (b, h, 0, _unpack(steps[s])[0]))
+    """Per-row statistics saved for the backward: lane-dense [B, H, 1, Qp] where the query block
+    fills whole 128-lane vregs (a [Qp, 1] column takes 128 lanes a row in HBM), else [B, H, Qp, 1]."""
+    if plan.row_stats:
+        return pl.BlockSpec((None, None, 1, plan.block_q),
+                            lambda b, h, s, steps: (b, h, 0, _unpack(steps[s])[0]))
+    return pl.BlockSpec((None, None, plan.block_q, 1),
+                        lambda b, h, s, steps: (b, h, _unpack(steps[s])[0], 0))
 
 
-def column(ref):
-    """A [1, Tq] row block as the [Tq, 1] column that broadcasts against [Tq, Tk] tiles."""
-    return jnp.expand_dims(ref[0], -1)
+def column(plan, ref):
+    """A statistics block as the [Tq, 1] column that broadcasts against [Tq, Tk] tiles."""
+    return jnp.expand_dims(ref[0], -1) if plan.row_stats else ref[...]
 
 
 def _bias_spec(dh):

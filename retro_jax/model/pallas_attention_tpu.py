@@ -9,14 +9,17 @@ table of the distances r_base .. r_base + C - 1; positions as there (offsets, pe
 What runs where: the kernels (pallas_attention_tpu_kernels.py, pallas_attention_tpu_bwd.py) do
 every O(N^2) step on tiles in VMEM; outside them only O(N) work is done: the [B, H, L, Dh]
 layout, the padding of lengths to whole blocks, the reversed copy of the table, delta =
-rowsum(dO * O), d(u) and d(vbias) as sums of the dq kernel's two halves, and the sum of the d r
-window partials into the table. `interpret=True` runs the same kernels in Pallas' interpreter
-(any backend; what the tests use on CPU).
+rowsum(dO * O), the sums of the dq kernel's per-block row sums into d(u) and d(vbias), and the
+sum of the d r window partials (one [Wd, Dh] per distinct window, f32) into the table.
+`interpret=True` runs the same kernels in Pallas' interpreter (any backend; what the tests use
+on CPU); outside it the kernels need a TPU backend or a TPU topology to compile for.
 
 Blocks: Mosaic tiles the last two dims of every block by (8, 128), so block_q and block_k must
-be multiples of 8 (a block larger than its length shrinks to the length rounded up to 8); the
-table window spans a multiple of 128 rows. A period shorter than its length must be a multiple
-of its block. Bad values are one ValueError line, raised before anything is traced.
+be multiples of 8 (a block larger than its length shrinks to the length rounded up to 8;
+(8, 8), (16, 16), (32, 64), (64, 128) .. (256, 512) compiled for v5e, f32 and bf16); the table
+window spans a multiple of 128 rows. A period shorter than its length must be a multiple of its
+block. The step lists live in SMEM (1 MiB): about 115,000 tiles at most (causal, blocks of
+128: 61k tokens). Bad values are one ValueError line, raised before anything is traced.
 """
 
 from __future__ import annotations

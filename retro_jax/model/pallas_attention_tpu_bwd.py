@@ -47,7 +47,7 @@ def _dq_kernel(plan, steps, *refs):
     dt = ins[0].dtype
     dqu_acc[...] += jax.lax.dot_general(ds.astype(dt), ins[1][...], _NN,
                                         preferred_element_type=_F32)
-    dpos = _window_cotangent(plan, ds)
+    dpos = _window_cotangent(plan, ds, dt)  # rounded to dt for the matmul, as blocked_attention
     dqw_acc[...] += jax.lax.dot_general(dpos.astype(dt), ro_ref[...], _NN,
                                         preferred_element_type=_F32)
 

@@ -13,12 +13,13 @@ qi, kj and flags: `first`/`last` of its run (where the resident output block sta
 and `live` (0 only for a key block no query reaches: its gradient block is written as zeros).
 
 Per tile (Tq queries against Tk keys) only the window of the Tq + Tk - 1 table rows the tile
-spans (Wd: rounded up to whole 128-lane vregs) is fetched (pl.Element rows, start computed from qi and kj in the index map):
+spans (Wd: rounded up to whole 128-lane vregs) is fetched (pl.Element rows, the start computed
+from qi and kj in the index map):
   pos_rev = (q + vbias) rr_win^T                    [Tq, Wd]
   s       = (q + u) k^T + roll(pos_rev, Tk, stride +1 along rows)[:, :Tk]
 (row a rolled by Tk + a puts table row a - b + Tk - 1 of the window under key b). The backward
 turns dS [Tq, Tk] back into the window's cotangent with the transposed shift: its columns are
-flipped by an anti-identity matmul (exact: precision HIGHEST) straight into [Tq, Wd], then
+flipped by an anti-identity matmul (exact: bf16 passes over a 3-way split) into [Tq, Wd], then
 rolled by a (stride +1, shift 0); that cotangent is in distance order, against `ro`.
 """
 
@@ -78,7 +79,8 @@ def _rows(plan, which, tile, dh):
 
 def _stat_spec(plan):
     """Per-row statistics saved for the backward: lane-dense [B, H, 1, Qp] where the query block
-    fills whole 128-lane vregs (a [Qp, 1] column takes 128 lanes a row in HBM), else [B, H, Qp, 1]."""
+    fills whole 128-lane vregs (a [Qp, 1] column takes 128 lanes a row in HBM), else as such a
+    column [B, H, Qp, 1] (Mosaic takes no (1, 64) block of a longer row)."""
     if plan.row_stats:
         return pl.BlockSpec((None, None, 1, plan.block_q),
                             lambda b, h, s, steps: (b, h, 0, _unpack(steps[s])[0]))
@@ -127,14 +129,22 @@ def _scores(plan, word, q_ref, k_ref, u_ref, w_ref, rr_ref, valid_ref):
     return jnp.where(allowed, s, _NEG), allowed, qu, qw
 
 
-def _window_cotangent(plan, ds_f32):
-    """The transposed skew: dS [Tq, Tk] -> d pos [Tq, Wd] against the distance-ordered window."""
+def _window_cotangent(plan, ds_f32, dtype=_F32):
+    """The transposed skew: dS [Tq, Tk] -> d pos [Tq, Wd] against the distance-ordered window,
+    exact in `dtype` (f32, or bf16 where the cotangent is rounded to it anyway)."""
     tk, wd = plan.block_k, plan.window
     flip = (jax.lax.broadcasted_iota(jnp.int32, (tk, wd), 0)
-            + jax.lax.broadcasted_iota(jnp.int32, (tk, wd), 1) == tk - 1).astype(_F32)
-    x = jax.lax.dot_general(ds_f32, flip, _NN, preferred_element_type=_F32,
-                            precision=jax.lax.Precision.HIGHEST)  # x[a, c] = dS[a, Tk-1-c]
-    return pltpu.roll(x, 0, 1, stride=1, stride_axis=0)  # row a moved right by a
+            + jax.lax.broadcasted_iota(jnp.int32, (tk, wd), 1) == tk - 1).astype(jnp.bfloat16)
+    # The anti-identity picks one entry a column, so each bf16 pass is exact; f32 is split into
+    # three bf16 parts (8 + 8 + 8 mantissa bits): 3 MXU passes where precision HIGHEST takes 6.
+    x = jax.lax.dot_general(ds_f32.astype(jnp.bfloat16), flip, _NN, preferred_element_type=_F32)
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        rest = ds_f32 - ds_f32.astype(jnp.bfloat16).astype(_F32)
+        for _ in range(2):
+            part = rest.astype(jnp.bfloat16)
+            x = x + jax.lax.dot_general(part, flip, _NN, preferred_element_type=_F32)
+            rest = rest - part.astype(_F32)
+    return pltpu.roll(x, 0, 1, stride=1, stride_axis=0)  # x[a, c] = dS[a, Tk-1-c]; row a moves a
 
 
 # ---- forward ------------------------------------------------------------------------------

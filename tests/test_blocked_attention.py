@@ -13,12 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retro_jax.model import blocked_attention
 from retro_jax.model.blocked_attention import blocked_relative_attention, distance_span
 from retro_jax.model.layers import sinusoids, skew
 from retro_jax.model.relative_attention import RelativeAttention
 
 H, DH = 2, 8
 TOL = 1e-5
+
+
+@pytest.fixture(params=["strips", "tiles"])
+def schedule(request, monkeypatch):
+    """Each test that takes it runs under both schedules (tiles: the loop past MAX_STRIPS)."""
+    if request.param == "tiles":
+        monkeypatch.setattr(blocked_attention, "MAX_STRIPS", 0)
+    return request.param
 
 
 def _rel_err(got, want) -> float:
@@ -81,7 +90,7 @@ def _check_equal(layout, key_valid, blocks, seed=0):
 
 
 @pytest.mark.parametrize("n", [64, 50])
-def test_causal_self_attention_equals_dense(n):
+def test_causal_self_attention_equals_dense(n, schedule):
     """Decoder self-attention, T=16, at a multiple of T and not; in batch 1 the first 3 keys are
     invalid, so rows 0..2 have no allowed key and must come out zero, as the dense path gives."""
     key_valid = jnp.ones((2, n), bool).at[1, :3].set(False)
@@ -101,7 +110,7 @@ def _cca_valid():
 
 
 @pytest.mark.parametrize("case", ["cca", "encoder_self", "encoder_cross"])
-def test_non_causal_masked_attention_equals_dense(case):
+def test_non_causal_masked_attention_equals_dense(case, schedule):
     """CCA (query offset m-1, k neighbours as key periods, missing neighbours), the encoder's
     self-attention (padded keys masked) and its cross-attention to the chunk (query periods),
     with lengths that are not multiples of the blocks."""
@@ -119,7 +128,7 @@ def test_non_causal_masked_attention_equals_dense(case):
         assert np.all(got[1] == 0) and np.abs(got[0]).max() > 0
 
 
-def test_bfloat16_is_as_close_to_float32_as_the_dense_path_is():
+def test_bfloat16_is_as_close_to_float32_as_the_dense_path_is(schedule):
     """In bfloat16 (the dtype of the bf16 presets) the blocked output and gradients are no
     further from the float32 result than the dense bfloat16 path is (within 2x + 1e-3)."""
     n = 50
@@ -195,7 +204,7 @@ def test_relative_attention_module_equals_blocked_between_its_projections(case):
         assert _rel_err(g, gd) <= TOL, (jax.tree_util.keystr(path), _rel_err(g, gd))
 
 
-def test_key_blocks_above_the_causal_diagonal_are_never_read():
+def test_key_blocks_above_the_causal_diagonal_are_never_read(schedule):
     """NaN in the keys and values of the last key block: the dense path's rows all become NaN
     (0 * NaN in probs @ v); the blocked rows of every earlier query block stay finite and equal
     the dense output without the NaN, so those blocks were never computed."""
@@ -233,7 +242,7 @@ def _avals_with_two_dims_at_least(closed_jaxpr, n):
     return found
 
 
-def test_no_n_by_n_intermediate_forward_or_backward():
+def test_no_n_by_n_intermediate_forward_or_backward(schedule):
     """value_and_grad at N=256, T=32 holds no tensor with two dims >= N anywhere in its jaxpr
     (the dense path, traced the same way, does: the check can fail)."""
     n = 256

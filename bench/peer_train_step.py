@@ -43,14 +43,18 @@ What differs between the two models (what retro-pytorch 0.3.9's constructor allo
     chunk: layer 1 only in both (peer enc_cross_attn_layers=(1,); its default is every layer).
   * Weight decay: ours decays every parameter (optax.adamw), the peer's AdamW too here (its
     get_optimizer helper would exempt vectors; same cost). Dropout 0 in both.
-  * The peer computes the full causal N x N self-attention and masks it; so does ours.
+  * The peer computes the full causal N x N self-attention and masks it; ours does with
+    `--attention dense`; with auto (the default) or blocked, ours skips the blocks above the
+    causal diagonal (retro_jax/model/blocked_attention.py), while the FLOP count behind the
+    fraction of the ceiling stays the full N x N (count.py counts what the dense path computes).
   * The peer imports faiss and autofaiss at import time (retro_pytorch.retrieval); neither is
     on the step path, so the worker puts empty stand-in modules in their place.
 Parameter counts of both (total and without token/position embeddings and logits) are printed.
 
     .venv/bin/python bench/peer_train_step.py [--shapes A,B] [--dtype f32] [--reps 3] [--steps N]
         [--device cpu|gpu] [--peer-python /work/peer-venv/bin/python] [--peer-path DIR]
-        [--heads 8x32] [--peer-dim-head D] [--peer-env KEY=VALUE] [--json OUT] [--quick]
+        [--heads 8x32] [--peer-dim-head D] [--attention auto|dense|blocked] [--attention-block T]
+        [--peer-env KEY=VALUE] [--json OUT] [--quick]
 
 Run it on an idle machine: under CPU contention torch's spinning OpenMP threads slow down far
 more than XLA's (see the warning it prints), which would flatter our ratio.
@@ -219,7 +223,7 @@ class Peer:
 # ---------------------------------------------------------------------------------------------
 # Our side (this process).
 
-def our_config(heads: tuple[int, int], dtype: str):
+def our_config(heads: tuple[int, int], dtype: str, attention: str = "auto", block: int = 128):
     from retro_jax.config import ModelConfig
 
     m, (h, dh) = MODEL, heads
@@ -228,7 +232,8 @@ def our_config(heads: tuple[int, int], dtype: str):
                        num_neighbours=m["neighbours"], cca_layers=m["cca_layers"], enc_d_model=m["enc_d"],
                        enc_num_layers=m["enc_layers"], enc_num_heads=h, enc_head_dim=dh,
                        enc_d_ff=m["ff_mult"] * m["enc_d"], enc_cross_layers=(1,),
-                       dtype="bfloat16" if dtype == "bf16" else "float32")
+                       dtype="bfloat16" if dtype == "bf16" else "float32", attention=attention,
+                       attention_block=block)
 
 
 def build_ours(cfg, batch: int, seq: int, warmup: int) -> dict:
@@ -309,7 +314,7 @@ def bench_one(shape: str, dtype: str, args, peer: Peer, device) -> dict:
     gpu = args.device == "gpu"
     if gpu:  # f32 strict, or TF32 allowed: the same choice in both frameworks; bf16 as it comes
         jax.config.update("jax_default_matmul_precision", PRECISION[dtype])
-    cfg = our_config(args.heads, dtype)
+    cfg = our_config(args.heads, dtype, args.attention, args.attention_block)
     ours = build_ours(cfg, batch, seq, args.warmup)
     print(f"  ours: compiled in {ours['compile_s']:.0f} s, warm-up {ours['warmup_s']:.1f} s", flush=True)
     spec = dict(device=args.device, dtype=dtype, batch=batch, seq=seq, warmup=args.warmup,
@@ -342,6 +347,7 @@ def bench_one(shape: str, dtype: str, args, peer: Peer, device) -> dict:
             "ours_model_flops_per_step": ours["flops_per_step"], "ours_compile_s": ours["compile_s"],
             "ours_params_total": ours["params_total"], "ours_params_non_embedding": ours["params_non_embedding"],
             "ours_heads": f"{args.heads[0]}x{args.heads[1]}", "ours_loss": ours["holder"]["loss"],
+            "ours_attention": f"{args.attention} (block {args.attention_block})",
             "peer": pinfo, "runs": rows}
 
 
@@ -356,6 +362,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: CPU 1, GPU 5)")
     ap.add_argument("--heads", default="8x32", help="our heads x head_dim (the peer always has 8 heads)")
     ap.add_argument("--peer-dim-head", type=int, help="default: our attention width / 8")
+    ap.add_argument("--attention", default="auto", help="our model.attention: auto (default, what a "
+                    "user gets), dense, blocked")
+    ap.add_argument("--attention-block", type=int, default=128, help="our model.attention_block")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python")
     ap.add_argument("--peer-path", help="a folder prepended to the peer's PYTHONPATH (an unpacked retro_pytorch)")
     ap.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
@@ -413,6 +422,7 @@ def main() -> None:
     wall = time.perf_counter() - t_start
     p = results[0]["peer"]
     print(f"\nours: retro-jax (jax {jax.__version__}), {results[0]['ours_heads']} heads, "
+          f"attention {results[0]['ours_attention']}, "
           f"{results[0]['ours_params_total'] / 1e6:.2f}M params ({results[0]['ours_params_non_embedding'] / 1e6:.2f}M "
           f"non-embedding); peer: retro-pytorch {p['retro_pytorch']} (torch {p['torch']}), {p['heads']}x{p['dim_head']} "
           f"heads, {p['params_total'] / 1e6:.2f}M params ({p['params_non_embedding'] / 1e6:.2f}M non-embedding)")

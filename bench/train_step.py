@@ -13,6 +13,14 @@ XLA's own FLOP count of the compiled step is printed too, as a cross-check of th
 
 `--loop` measures the real sharded training loop instead (data pipeline included) on 1 and 8
 CPU devices: see bench/train_loop.py, which it runs.
+
+`--modes` times the attention computations alone instead (forward + backward of the scores,
+softmax and weighted sum after the projections, as model.attention chooses them): dense
+against blocked at each block size, for causal self-attention at N = 128 .. 2048 and for the
+model's small windows (the peer-bench model: 8 heads x 32, batch 4 x 512 tokens, chunks of 64,
+2 neighbours of 128): the table model.attention=auto is set by.
+
+    .venv/bin/python bench/train_step.py --modes [--blocks 64,128,256] [--steps 5]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from retro_jax.runtime.state import TrainState
 from retro_jax.train.step import make_optimizer, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stand_ins import random_batch  # noqa: E402
 
 # A mid-sized RETRO: matmuls big enough to approach the CPU's matmul ceiling, small enough to
@@ -96,13 +105,62 @@ def bench_config(name: str, steps: int) -> dict:
             "mfu": float(np.median(mfu))}
 
 
+def attention_modes(blocks: list[int], steps: int) -> None:
+    """Best-of-`steps` CPU time of value_and_grad of each computation; one row per call shape."""
+    from timing import best_of
+
+    from retro_jax.model.blocked_attention import blocked_relative_attention, distance_span
+    from retro_jax.model.relative_attention import dense_relative_attention
+
+    h, dh = 8, 32
+    cases = [(f"causal self N={n}", 2048 // n, n, n, dict(causal=True)) for n in (128, 256, 512, 1024, 2048)]
+    cases += [("encoder self 128 x 128", 64, 128, 128, {}),  # 4 x 512 tokens: 8 chunks x 2 neighbours
+              ("CCA 64 x 2 x 128", 32, 64, 256, dict(q_offset=63, k_period=128)),
+              ("encoder cross 2 x 128 x 64", 32, 256, 64, dict(q_period=128))]
+    print("| attention | batch | dense (ms) | " + " | ".join(f"blocked {t} (ms)" for t in blocks) + " |")
+    print("|---|---|---|" + "---|" * len(blocks))
+    rng = np.random.default_rng(0)
+    for name, b, q_len, k_len, pos in cases:
+        r_base, count = distance_span(q_len, k_len, **pos)
+        f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+        args = (f(b, q_len, h, dh) * dh ** -0.5, f(b, k_len, h, dh), f(b, k_len, h, dh), f(h, dh), f(h, dh),
+                f(count, h, dh))
+        ct = f(b, q_len, h, dh)
+        valid = None if pos.get("causal") else jnp.asarray(rng.random((b, k_len)) > 0.1)
+        periods = dict(q_period=pos.get("q_period"), k_period=pos.get("k_period"))
+        runs = {"dense": lambda *a: dense_relative_attention(*a, causal=bool(pos.get("causal")),
+                                                             key_valid_BxK=valid, **periods)}
+        for t in blocks:
+            tq, tk = min(t, pos.get("q_period") or q_len), min(t, pos.get("k_period") or k_len)
+            runs[t] = lambda *a, tq=tq, tk=tk: blocked_relative_attention(
+                *a, r_base=r_base, key_valid_BxK=valid, block_q=tq, block_k=tk, **pos)
+        ms = {}
+        for key, fn in runs.items():
+            grad = jax.jit(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(fn(*a) * ct), argnums=range(6)))
+
+            def once(grad=grad):
+                c0 = time.process_time()
+                jax.block_until_ready(grad(*args))
+                return time.process_time() - c0
+
+            ms[key] = 1e3 * min(once() for _ in range(steps + 1))  # the first call compiles
+        print(f"| {name} | {b} | {ms['dense']:.0f} | " + " | ".join(f"{ms[t]:.0f}" for t in blocks) + " |",
+              flush=True)
+    print(f"\nCPU seconds (process time: steadier than wall time on a shared machine), best of {steps}; "
+          f"load average {os.getloadavg()[0]:.1f}.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--configs", default="tiny,mid,mid-baseline")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--loop", action="store_true", help="the real sharded loop on 1 and 8 devices")
+    ap.add_argument("--modes", action="store_true", help="the attention computations alone: dense vs blocked")
+    ap.add_argument("--blocks", default="64,128,256", help="block sizes for --modes")
     args, rest = ap.parse_known_args()
+    if args.modes:
+        return attention_modes([int(t) for t in args.blocks.split(",")], args.steps)
     if args.loop:
         import subprocess
         import sys

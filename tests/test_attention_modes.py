@@ -82,7 +82,16 @@ def kernel(request, monkeypatch):
     which = getattr(request, "param", None)
     if which:
         monkeypatch.setenv(attention_mode.INTERPRET_ENV, which)
-    return which
+    if which == "tpu":
+        # A whole model's gradient through the interpreted TPU kernel (host callbacks inside)
+        # crashes when read back from JAX's persistent compilation cache (segfault, jax 0.10.2):
+        # such programs are not written to it.
+        was = jax.config.jax_persistent_cache_min_compile_time_secs
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+        yield which
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", was)
+        return
+    yield which
 
 
 # (n, block): 4 query/key blocks of the decoder, or 1.5 (48 is no multiple of 32).

@@ -52,7 +52,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 
 
 def _attention_flops(q_width: int, kv_width: int, attn: int, n_q: int, n_k: int,
-                     n_rel: int, kv_rows: float | None = None) -> float:
+                     n_rel: int, kv_rows: float | None = None, score_share: float = 1.0) -> float:
     """Forward FLOPs of one RelativeAttention call with n_q queries (per call).
 
     Counts what the code computes: q/o projections on the queries, k/v on kv_rows rows,
@@ -62,14 +62,17 @@ def _attention_flops(q_width: int, kv_width: int, attn: int, n_q: int, n_k: int,
     kv_rows = n_k if kv_rows is None else kv_rows
     proj = 2 * n_q * q_width * attn * 2 + 2 * kv_rows * kv_width * attn * 2 + 2 * n_rel * q_width * attn
     scores = 2 * n_q * n_k * attn * 2 + 2 * n_q * n_rel * attn
-    return proj + scores
+    return proj + score_share * scores
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int = 2048, num_neighbours: int | None = None,
-                    training: bool = True) -> float:
+                    training: bool = True, causal_pairs: bool = False) -> float:
     """Model FLOPs per decoder token (matmuls only; x3 for forward+backward when training).
 
-    Attention is counted over the full (unmasked) score matrix, as it is computed.
+    Attention is counted over the full (unmasked) score matrix, as model.attention=dense computes
+    it; with causal_pairs the decoder's causal self-attention counts only the n(n+1)/2 query-key
+    pairs (and distances) the mask lets through, the work that needs doing (blocked computes
+    that plus the upper halves of its diagonal blocks).
     The encoder runs on K*r neighbour tokens per chunk of m tokens.
     """
     n, m, d, a = seq_len, cfg.chunk_size, cfg.d_model, cfg.attn_width
@@ -78,7 +81,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int = 2048, num_neighbours: int |
     chunks = math.ceil(n / m)
     per_seq = 0.0
     for i in range(1, cfg.num_layers + 1):
-        per_seq += _attention_flops(d, d, a, n, n, n)
+        per_seq += _attention_flops(d, d, a, n, n, n, score_share=(n + 1) / (2 * n) if causal_pairs else 1.0)
         per_seq += 2 * n * 2 * d * cfg.d_ff
         if i in cfg.cca_layers:  # per attending chunk: m queries over k*r keys
             per_seq += chunks * _attention_flops(d, cfg.enc_d_model, a, m, k * r, m + r - 1)

@@ -74,9 +74,10 @@ def _pallas(platform: str):
 
 
 def _per_device(kernel, q, k, v, u, w, r, *, key_valid_BxK):
-    """A Pallas kernel is one program per device, which XLA's partitioner cannot split: under a
-    mesh it runs in shard_map over the batch (data x fsdp) and head (tensor) axes, each device on
-    its own rows and heads. The gradients of u, v and r, replicated over the batch axes, are
+    """Attention is independent per batch row and head, so under a mesh it runs in shard_map over
+    the batch (data x fsdp) and head (tensor) axes, each device on its own rows and heads: a
+    Pallas kernel is one program per device, which XLA's partitioner cannot split, and the blocked
+    path's strips merge heads and batch into one axis, which it can split only by gathering. The gradients of u, v and r, replicated over the batch axes, are
     summed over them by shard_map's transpose."""
     b = q.shape[0]
     if key_valid_BxK is None:
@@ -163,9 +164,9 @@ class RelativeAttention(nn.Module):
                           q_offset=q_offset, k_offset=k_offset, q_period=qp, k_period=kp,
                           block_q=min(self.block, qp), block_k=min(self.block, kp))
             if how == "blocked":
-                out = blocked_relative_attention(*args, **layout, key_valid_BxK=key_valid_BxK)
+                fn = functools.partial(blocked_relative_attention, **layout)
             else:
-                fn, interpret = _pallas(on)
-                out = _per_device(functools.partial(fn, **layout, interpret=interpret), *args,
-                                  key_valid_BxK=key_valid_BxK)
+                kernel, interpret = _pallas(on)
+                fn = functools.partial(kernel, **layout, interpret=interpret)
+            out = _per_device(fn, *args, key_valid_BxK=key_valid_BxK)
         return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dt))

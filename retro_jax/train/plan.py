@@ -109,10 +109,17 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
     total}, flops_per_step and compile_seconds. Every setting is checked before compiling."""
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
-    cfg, tc = model_config(config), config.train
+    cfg = model_config(config)
     topo = topology(topology_name)
     platform = topo.devices[0].platform
     attention_mode.check(cfg.attention, cfg.attention_block, platform)  # one line, before compiling
+    with attention_mode.compile_for(platform):  # TPU slices are traced and compiled on a CPU host
+        return _plan(config, cfg, topo, topology_name, mfu)
+
+
+def _plan(config: ml_collections.ConfigDict, cfg: Any, topo: "Topology", topology_name: str,
+          mfu: float) -> dict[str, Any]:
+    tc = config.train
     mesh = make_mesh(**dict(config.mesh), devices=topo.devices)
     check_batch(tc.batch_size // tc.microbatches, mesh)  # every microbatch splits over data x fsdp
     if tc.seq_len % cfg.chunk_size:
@@ -129,8 +136,7 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
                                                    jnp.int32, sharding=sh)
     step = make_sharded_train_step(cfg, optimizer, mesh, shardings, schedule, tc.microbatches)
     t0 = time.perf_counter()
-    with attention_mode.compile_for(platform):  # TPU slices compile here on a CPU host
-        compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

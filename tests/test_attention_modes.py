@@ -141,11 +141,16 @@ def test_decode_steps_of_a_blocked_model_equal_its_full_forward():
     np.testing.assert_allclose(cached, full, atol=2e-4, rtol=2e-4)
 
 
-def test_auto_is_a_mode_that_runs_everywhere_and_never_pallas():
-    assert attention_mode.resolve("auto") == attention_mode.AUTO in ("dense", "blocked")
-    for on in ("cpu", "gpu", "tpu"):
-        attention_mode.check(attention_mode.resolve("auto"), 128, on)
-    assert [attention_mode.resolve(m) for m in ("dense", "blocked", "pallas")] == ["dense", "blocked", "pallas"]
+def test_auto_resolves_to_blocked_for_long_causal_attention_and_never_to_pallas():
+    n = attention_mode.AUTO_BLOCKED_FROM
+    assert attention_mode.resolve("auto", causal=True, k_len=n) == "blocked"
+    assert attention_mode.resolve("auto", causal=True, k_len=n - 1) == "dense"
+    for causal in (False, True):
+        for k_len in (16, 256, 4096, 65536):
+            assert attention_mode.resolve("auto", causal=causal, k_len=k_len) in ("dense", "blocked")
+    assert attention_mode.resolve("auto", causal=False, k_len=65536) == "dense"  # the small windows
+    for mode in ("dense", "blocked", "pallas"):
+        assert attention_mode.resolve(mode, causal=True, k_len=16) == mode
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -8,7 +8,7 @@ with one load, evaluate, export and generate with any other:
 - pallas: the same schedule as a Pallas kernel, Mosaic on TPU (pallas_attention_tpu.py) or
   Triton on GPU (pallas_attention_gpu.py). On CPU it runs only in Pallas interpret mode, asked for
   with RETRO_JAX_PALLAS_INTERPRET=tpu|gpu (which kernel to interpret): for tests, not for speed;
-- auto: what was measured fastest (see AUTO).
+- auto: blocked for long causal self-attention, dense elsewhere (see AUTO_BLOCKED_FROM).
 
 The backend is the platform the program is compiled for: `jax.default_backend()`, or the one a
 caller sets with `compile_for` (retro-jax plan compiles for TPU slices on a CPU host).
@@ -26,14 +26,16 @@ import jax
 from retro_jax.config import ATTENTION_MODES as MODES
 INTERPRET_ENV = "RETRO_JAX_PALLAS_INTERPRET"
 _PALLAS_PLATFORMS = ("tpu", "gpu")
-# auto: blocked for every call, on every backend. Measured on the 2-core CPU (`bench/train_step.py
-# --modes`, forward + backward, CPU seconds against dense): causal self-attention 0.29-0.47x from
-# N = 128 to 2048, the encoder's self-attention (2m x 2m) about 0.8x, its cross-attention
-# (k*2m x m) 0.54-0.78x, CCA (m x k*2m) the same as dense; and blocked's memory is linear at any
-# length. On GPU and TPU nothing was measured (no accelerator was lent to this work), so auto
-# keeps the pure-JAX blocked path there too and never picks the Pallas kernels, which have been
+# auto: blocked for causal self-attention from AUTO_BLOCKED_FROM tokens, dense below it and for
+# the model's small windows (the encoder's 2m x 2m, CCA's m x k*2m, the encoder's k*2m x m).
+# Blocked ran faster on this 2-core CPU at every length from 128 (`bench/train_step.py --modes`:
+# causal 0.29-0.47x dense's time, the encoder 0.54-0.8x, CCA equal), but with blocked in every
+# call the test suite of tiny models (128-256 tokens) ran 19% of its tests in 18 minutes, against
+# 16.5 minutes for all of them with dense: our reading (not profiled) is compile time, which short
+# runs at short lengths, where dense's N x N is small, do not buy back. Blocked's memory is linear at any length. On GPU and TPU nothing was measured
+# (no accelerator was lent to this work), so auto never picks the Pallas kernels, which have been
 # checked against dense only in interpret mode.
-AUTO = "blocked"
+AUTO_BLOCKED_FROM = 512
 
 _platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("retro_jax_platform", default=None)
 
@@ -76,6 +78,8 @@ def check(mode: str, block: int, on: str | None = None) -> None:
                          "mode, for tests); use auto, dense or blocked")
 
 
-def resolve(mode: str) -> str:
-    """The computation a call uses: dense, blocked or pallas (auto resolved; see AUTO)."""
-    return AUTO if mode == "auto" else mode
+def resolve(mode: str, *, causal: bool, k_len: int) -> str:
+    """The computation one call uses: dense, blocked or pallas (auto resolved; see AUTO_BLOCKED_FROM)."""
+    if mode != "auto":
+        return mode
+    return "blocked" if causal and k_len >= AUTO_BLOCKED_FROM else "dense"

@@ -153,7 +153,7 @@ class RelativeAttention(nn.Module):
 
         on = attention_mode.platform()
         attention_mode.check(self.attention, self.block, on)
-        how = attention_mode.resolve(self.attention)
+        how = attention_mode.resolve(self.attention, causal=causal, k_len=k_len)
         if how == "dense":
             out = dense_relative_attention(*args, causal=causal, key_valid_BxK=key_valid_BxK,
                                            q_period=qp, k_period=kp)

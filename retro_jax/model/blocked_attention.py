@@ -74,6 +74,35 @@ def distance_span(q_len: int, k_len: int, *, q_offset: int = 0, k_offset: int = 
     return (q_offset - k_offset) - (kp - 1), qp + kp - 1
 
 
+def check_layout(who: str, q_len: int, k_len: int, c: int, r_base: int, causal: bool,
+                 q_offset: int, k_offset: int, q_period: int | None, k_period: int | None,
+                 tq: int, tk: int) -> tuple[int, int]:
+    """The layout rules every computation of this function shares (blocked, and both Pallas
+    kernels, each naming itself as `who`): one-line ValueErrors; returns the periods (qp, kp).
+
+    tq, tk: the block sizes the caller settled on (its own rules: powers of two for Triton,
+    multiples of 8 for Mosaic)."""
+    if not all(isinstance(x, (int, np.integer)) for x in (q_offset, k_offset, r_base)):
+        raise ValueError(f"{who}: q_offset, k_offset and r_base must be Python ints")
+    qp, kp = q_period or q_len, k_period or k_len
+    if q_len % qp or k_len % kp:
+        raise ValueError(f"{who}: periods ({qp}, {kp}) must divide the lengths "
+                         f"({q_len}, {k_len})")
+    for name, t, period, n in (("query", tq, qp, q_len), ("key", tk, kp, k_len)):
+        if period != n and period % t:
+            raise ValueError(f"{who}: the {name} block {t} must divide the {name} period "
+                             f"{period} (shorter than the length {n})")
+    if causal and (qp != q_len or kp != k_len or q_len != k_len or q_offset != k_offset):
+        raise ValueError(f"{who}: causal needs identical query/key positions "
+                         "(same length and offset, no periods)")
+    lo, n_dist = distance_span(q_len, k_len, q_offset=q_offset, k_offset=k_offset,
+                               q_period=qp, k_period=kp, causal=causal)
+    if r_base > lo or r_base + c < lo + n_dist:
+        raise ValueError(f"{who}: r covers distances {r_base}..{r_base + c - 1} but these "
+                         f"positions need {lo}..{lo + n_dist - 1}")
+    return qp, kp
+
+
 def blocked_relative_attention(
         q_BxQxHxDh: jax.Array, k_BxKxHxDh: jax.Array, v_BxKxHxDh: jax.Array,
         u_HxDh: jax.Array, vbias_HxDh: jax.Array, r_CxHxDh: jax.Array, *, r_base: int,
@@ -122,27 +151,11 @@ def blocked_relative_attention(
 def _make_plan(q_len, k_len, c, r_base, causal, q_offset, k_offset, q_period, k_period,
                block_q, block_k) -> tuple[_Plan, int, int]:
     """Checks the layout (one-line ValueErrors) and fixes the static plan."""
-    qp, kp = q_period or q_len, k_period or k_len
-    if q_len % qp or k_len % kp:
-        raise ValueError(f"blocked attention: periods ({qp}, {kp}) must divide the lengths "
-                         f"({q_len}, {k_len})")
-    if not all(isinstance(x, int) for x in (q_offset, k_offset, r_base)):
-        raise ValueError("blocked attention: q_offset, k_offset and r_base must be Python ints")
     if block_q < 1 or block_k < 1:
         raise ValueError(f"blocked attention: block sizes ({block_q}, {block_k}) must be >= 1")
     tq, tk = min(block_q, q_len), min(block_k, k_len)
-    for name, t, period, n in (("query", tq, qp, q_len), ("key", tk, kp, k_len)):
-        if period != n and period % t:
-            raise ValueError(f"blocked attention: the {name} block {t} must divide the {name} "
-                             f"period {period} (shorter than the length {n})")
-    if causal and (qp != q_len or kp != k_len or q_len != k_len or q_offset != k_offset):
-        raise ValueError("blocked attention: causal needs identical query/key positions "
-                         "(same length and offset, no periods)")
-    lo, n_dist = distance_span(q_len, k_len, q_offset=q_offset, k_offset=k_offset,
-                               q_period=qp, k_period=kp, causal=causal)
-    if r_base > lo or r_base + c < lo + n_dist:
-        raise ValueError(f"blocked attention: r covers distances {r_base}..{r_base + c - 1} "
-                         f"but these positions need {lo}..{lo + n_dist - 1}")
+    qp, kp = check_layout("blocked attention", q_len, k_len, c, r_base, causal, q_offset,
+                          k_offset, q_period, k_period, tq, tk)
     nq, nk = -(-q_len // tq), -(-k_len // tk)
     plan = _Plan(tq, tk, q_offset, k_offset, qp, kp, bool(causal), 0, r_base)
     return plan._replace(pad_front=max(0, -int(_band_starts(plan, nq, nk).min()))), nq, nk

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from retro_jax.model import attention_mode
 from retro_jax.model import pallas_attention_gpu_kernels as kernels
-from retro_jax.model.blocked_attention import distance_span
+from retro_jax.model.blocked_attention import check_layout
 
 _WHO = "attention mode 'pallas' (backend gpu, Triton)"
 _F32 = jnp.float32
@@ -125,25 +125,9 @@ def _pow2_block(name: str, requested: int, length: int) -> int:
 def _make_plan(q_len, k_len, c, r_base, causal, q_offset, k_offset, q_period, k_period,
                block_q, block_k, dh, interpret) -> _Plan:
     """Checks the layout (one-line ValueErrors, before anything traces) and fixes the plan."""
-    if not all(isinstance(x, int) for x in (q_offset, k_offset, r_base)):
-        raise ValueError(f"{_WHO}: q_offset, k_offset and r_base must be Python ints")
-    qp, kp = q_period or q_len, k_period or k_len
-    if q_len % qp or k_len % kp:
-        raise ValueError(f"{_WHO}: periods ({qp}, {kp}) must divide the lengths "
-                         f"({q_len}, {k_len})")
     tq, tk = _pow2_block("q", block_q, q_len), _pow2_block("k", block_k, k_len)
-    for name, t, period, n in (("query", tq, qp, q_len), ("key", tk, kp, k_len)):
-        if period != n and period % t:
-            raise ValueError(f"{_WHO}: the {name} block {t} must divide the {name} period "
-                             f"{period} (shorter than the length {n})")
-    if causal and (qp != q_len or kp != k_len or q_len != k_len or q_offset != k_offset):
-        raise ValueError(f"{_WHO}: causal needs identical query/key positions "
-                         "(same length and offset, no periods)")
-    lo, n_dist = distance_span(q_len, k_len, q_offset=q_offset, k_offset=k_offset,
-                               q_period=qp, k_period=kp, causal=causal)
-    if r_base > lo or r_base + c < lo + n_dist:
-        raise ValueError(f"{_WHO}: r covers distances {r_base}..{r_base + c - 1} but these "
-                         f"positions need {lo}..{lo + n_dist - 1}")
+    qp, kp = check_layout(_WHO, q_len, k_len, c, r_base, causal, q_offset, k_offset,
+                          q_period, k_period, tq, tk)
     nq, nk = -(-q_len // tq), -(-k_len // tk)
     # A period equal to the length: the padded rows continue the positions (no wrap).
     qp, kp = (qp if qp < q_len else nq * tq), (kp if kp < k_len else nk * tk)

@@ -34,7 +34,7 @@ import numpy as np
 
 from retro_jax.model import pallas_attention_tpu_bwd as bwd
 from retro_jax.model import pallas_attention_tpu_kernels as kern
-from retro_jax.model.blocked_attention import distance_span
+from retro_jax.model.blocked_attention import check_layout
 
 _F32 = jnp.float32
 _WHO = 'attention mode "pallas" (TPU kernel)'
@@ -105,29 +105,13 @@ def relative_attention_tpu(
 def make_plan(q_len, k_len, c, r_base, causal, q_offset, k_offset, q_period, k_period,
               block_q, block_k, interpret) -> _Plan:
     """Checks the layout and the block sizes (one-line ValueErrors) and fixes the static plan."""
-    qp, kp = q_period or q_len, k_period or k_len
     for name, x in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(x, (int, np.integer)) or x < 8 or x % 8:
             raise ValueError(f"{_WHO}: {name} {x} must be a multiple of 8 (Mosaic tiles a "
                              "block's rows by 8)")
-    if q_len % qp or k_len % kp:
-        raise ValueError(f"{_WHO}: periods ({qp}, {kp}) must divide the lengths "
-                         f"({q_len}, {k_len})")
-    if not all(isinstance(x, (int, np.integer)) for x in (q_offset, k_offset, r_base)):
-        raise ValueError(f"{_WHO}: q_offset, k_offset and r_base must be Python ints")
     tq, tk = min(block_q, _round_up(q_len, 8)), min(block_k, _round_up(k_len, 8))
-    for name, t, period, n in (("query", tq, qp, q_len), ("key", tk, kp, k_len)):
-        if period != n and period % t:
-            raise ValueError(f"{_WHO}: the {name} block {t} must divide the {name} period "
-                             f"{period} (shorter than the length {n})")
-    if causal and (qp != q_len or kp != k_len or q_len != k_len or q_offset != k_offset):
-        raise ValueError(f"{_WHO}: causal needs identical query/key positions (same length "
-                         "and offset, no periods)")
-    lo, n_dist = distance_span(q_len, k_len, q_offset=q_offset, k_offset=k_offset,
-                               q_period=qp, k_period=kp, causal=causal)
-    if r_base > lo or r_base + c < lo + n_dist:
-        raise ValueError(f"{_WHO}: r covers distances {r_base}..{r_base + c - 1} but these "
-                         f"positions need {lo}..{lo + n_dist - 1}")
+    qp, kp = check_layout(_WHO, q_len, k_len, c, r_base, causal, q_offset, k_offset,
+                          q_period, k_period, tq, tk)
     nq, nk = -(-q_len // tq), -(-k_len // tk)
     if max(nq, nk) >= 2**14:  # a step word holds qi and kj in 14 bits each
         raise ValueError(f"{_WHO}: {max(nq, nk)} blocks per length is over 16383: use larger "

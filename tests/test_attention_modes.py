@@ -178,6 +178,25 @@ def test_pallas_on_cpu_outside_interpret_mode_is_one_line_naming_mode_and_backen
         attention_mode.check("pallas", 128, "cpu")
 
 
+def test_pallas_on_a_tpu_before_v5_is_one_line_naming_mode_backend_and_chip():
+    """Mosaic lowers the kernel's strided row rotate only from TPU v5 on (compiling for v4-8
+    failed deep in the compiler); the refusal comes first, from the device kind."""
+    for kind in ("TPU v4", "TPU v3", "TPU v2"):
+        with pytest.raises(ValueError) as e:
+            attention_mode.check("pallas", 128, "tpu", kind)
+        msg = str(e.value)
+        assert "pallas" in msg and "backend tpu" in msg and kind in msg and "\n" not in msg
+        for other in ("auto", "dense", "blocked"):
+            attention_mode.check(other, 128, "tpu", kind)
+    for kind in ("TPU v5 lite", "TPU v5p", "TPU v5", "TPU v6 lite", "TPU7x", None):
+        attention_mode.check("pallas", 128, "tpu", kind)
+    with attention_mode.compile_for("tpu", "TPU v4"):  # what the model's own check sees in plan
+        assert attention_mode.platform() == "tpu" and attention_mode.device_kind() == "TPU v4"
+        with pytest.raises(ValueError, match="TPU v4"):
+            attention_mode.check("pallas", 128)
+    assert attention_mode.platform() == jax.default_backend()
+
+
 @pytest.mark.parametrize("argv", [
     ["plan", "--config", "tiny", "--topology", "cpu:1", "--config.model.attention=pallas"],
     ["plan", "--config", "tiny", "--topology", "cpu:1", "--config.model.attention=sparse"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 from typing import Iterator
 
 import jax
@@ -37,13 +38,19 @@ _PALLAS_PLATFORMS = ("tpu", "gpu")
 # checked against dense only in interpret mode.
 AUTO_BLOCKED_FROM = 512
 
-_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("retro_jax_platform", default=None)
+# The Mosaic kernel rotates each row of a tile by its own offset (pltpu.roll with a stride);
+# Mosaic lowers that only from TPU v5 on ("only supported in TPU v5+", seen compiling for v4-8).
+PALLAS_TPU_FROM = 5
+
+_platform: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "retro_jax_platform", default=None)
 
 
 @contextlib.contextmanager
-def compile_for(platform: str) -> Iterator[None]:
-    """Within this block, attention is traced for `platform` (cpu, gpu, tpu)."""
-    token = _platform.set(platform)
+def compile_for(platform: str, device_kind: str | None = None) -> Iterator[None]:
+    """Within this block, attention is traced for `platform` (cpu, gpu, tpu), on devices of
+    `device_kind` (jax's Device.device_kind, e.g. "TPU v4") when known."""
+    token = _platform.set((platform, device_kind))
     try:
         yield
     finally:
@@ -52,7 +59,20 @@ def compile_for(platform: str) -> Iterator[None]:
 
 def platform() -> str:
     """The platform the attention is being traced for."""
-    return _platform.get() or jax.default_backend()
+    set_ = _platform.get()
+    return set_[0] if set_ else jax.default_backend()
+
+
+def device_kind() -> str | None:
+    """The kind of device the attention is being traced for (None when compile_for left it open)."""
+    set_ = _platform.get()
+    return set_[1] if set_ else jax.devices()[0].device_kind
+
+
+def tpu_generation(kind: str | None) -> int | None:
+    """5 for "TPU v5 lite" or "TPU v5p", 4 for "TPU v4", 7 for "TPU7x"; None if not a TPU kind."""
+    m = re.match(r"TPU\s*v?(\d+)", kind or "")
+    return int(m.group(1)) if m else None
 
 
 def interpret_kernel() -> str | None:
@@ -64,9 +84,11 @@ def interpret_kernel() -> str | None:
     return value or None
 
 
-def check(mode: str, block: int, on: str | None = None) -> None:
-    """One-line ValueError when `mode` cannot run on the backend `on` (default: platform())."""
-    on = on or platform()
+def check(mode: str, block: int, on: str | None = None, kind: str | None = None) -> None:
+    """One-line ValueError when `mode` cannot run on the backend `on` (default: platform()) and
+    its devices of `kind` (default: device_kind() when `on` is not given)."""
+    if on is None:
+        on, kind = platform(), kind or device_kind()
     if mode not in MODES:
         raise ValueError(f"model.attention={mode!r} is not one of {', '.join(MODES)} "
                          f"(backend {on})")
@@ -76,6 +98,10 @@ def check(mode: str, block: int, on: str | None = None) -> None:
         raise ValueError(f"model.attention=pallas cannot run on backend {on}: its kernels are for "
                          f"tpu and gpu (on a CPU, {INTERPRET_ENV}=tpu|gpu runs one in interpret "
                          "mode, for tests); use auto, dense or blocked")
+    generation = tpu_generation(kind) if on == "tpu" else None
+    if mode == "pallas" and generation is not None and generation < PALLAS_TPU_FROM:
+        raise ValueError(f"model.attention=pallas cannot run on backend tpu ({kind}): the Mosaic kernel's "
+                         f"per-row rotate needs TPU v{PALLAS_TPU_FROM} or newer; use auto, dense or blocked")
 
 
 def resolve(mode: str, *, causal: bool, k_len: int) -> str:

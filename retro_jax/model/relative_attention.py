@@ -152,7 +152,7 @@ class RelativeAttention(nn.Module):
         args = (q, k, val, (u * scale).astype(dt), (v * scale).astype(dt), r_CxHxK)
 
         on = attention_mode.platform()
-        attention_mode.check(self.attention, self.block, on)
+        attention_mode.check(self.attention, self.block)  # this platform and its device kind
         how = attention_mode.resolve(self.attention, causal=causal, k_len=k_len)
         if how == "dense":
             out = dense_relative_attention(*args, causal=causal, key_valid_BxK=key_valid_BxK,

@@ -111,9 +111,9 @@ def plan(config: ml_collections.ConfigDict, topology_name: str, mfu: float = 0.5
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     cfg = model_config(config)
     topo = topology(topology_name)
-    platform = topo.devices[0].platform
-    attention_mode.check(cfg.attention, cfg.attention_block, platform)  # one line, before compiling
-    with attention_mode.compile_for(platform):  # TPU slices are traced and compiled on a CPU host
+    platform, kind = topo.devices[0].platform, topo.devices[0].device_kind
+    attention_mode.check(cfg.attention, cfg.attention_block, platform, kind)  # one line, before compiling
+    with attention_mode.compile_for(platform, kind):  # TPU slices are traced and compiled on a CPU host
         return _plan(config, cfg, topo, topology_name, mfu)
 
 

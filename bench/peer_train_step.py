@@ -57,6 +57,11 @@ Parameter counts of both (total and without token/position embeddings and logits
         [--heads 8x32] [--peer-dim-head D] [--attention auto|dense|blocked] [--attention-block T]
         [--peer-env KEY=VALUE] [--json OUT] [--quick]
 
+Steps per run: 3 on CPU. The first step after the other side ran is slow (up to about 1 s more
+at 4 x 512, seen on ours right after the peer's step, not after the matmul probe or after an
+idle pause); with one step per run that penalty made ours read 470 tok/s at 4 x 512 where it
+runs 640 back to back. Three steps per run spread it over both sides alike.
+
 Run it on an idle machine: under CPU contention torch's spinning OpenMP threads slow down far
 more than XLA's (see the warning it prints), which would flatter our ratio.
 
@@ -362,7 +367,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="f32", help=f"comma list of {', '.join(DTYPES)} (tf32: GPU only)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     ap.add_argument("--reps", type=int, default=3, help="alternating runs of each (default 3)")
-    ap.add_argument("--steps", type=int, help="steps per run (default: CPU 1, GPU 20)")
+    ap.add_argument("--steps", type=int, help="steps per run (default: CPU 3, GPU 20)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: CPU 1, GPU 5)")
     ap.add_argument("--heads", default="8x32", help="our heads x head_dim (the peer always has 8 heads)")
     ap.add_argument("--peer-dim-head", type=int, help="default: our attention width / 8")
@@ -381,7 +386,7 @@ def main() -> None:
     gpu = args.device == "gpu"
     if args.quick:
         args.shapes, args.reps, args.steps = "S", 2, args.steps or 1
-    args.steps = args.steps or (20 if gpu else 1)
+    args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     h, _, dh = args.heads.partition("x")
     args.heads = (int(h), int(dh))
